@@ -1,0 +1,29 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both install first if needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+# torch first, from the pinned CPU wheel; then the package with every other pin from constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/fednnunet demo --workdir demo_run
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/fednnunet bench all --out benchmarks_out
+
+clean:
+	rm -rf $(VENV) demo_run benchmarks_out
