@@ -1,0 +1,1 @@
+"""Server-side federation jobs, independent of the transport."""

@@ -1,0 +1,164 @@
+"""Server side of federated fingerprint extraction and planning, independent of the transport.
+
+Round trips (each one message to every site):
+1. ``describe``: dataset name, case count, dataset.json fields, per-case problems; checked before anything else.
+2. ``fingerprint_sample``: sites sample with the global case count and return aggregates.
+3. ``fingerprint_counts`` (two rounds for float32 data): bucket counts for the exact percentile search.
+4. ``fingerprint_apply``: every site writes the merged fingerprint and plans/preprocesses from it.
+So FFE costs five round trips whatever the dataset size. With ``asym`` each site extracts and plans locally
+(rounds 1 and 4 only). The transport is a :class:`SiteCaller`; Flower provides one, tests can provide another.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+from fednnunet.fingerprint.checks import FederationDataError, check_compatible
+from fednnunet.fingerprint.merge import SiteSummary, assemble_fingerprint, new_search, pooled_sample_dtype, search_dtype
+
+logger = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+Reply = tuple[dict[str, Any], Arrays]
+
+
+class SiteCaller(Protocol):
+    """Sends one operation to sites and returns each site's result, raising if any site failed.
+
+    ``broadcast`` sends the same content to every connected site (and learns the site names on first use);
+    ``call`` sends each site its own content."""
+
+    sites: list[str]
+
+    def broadcast(self, op: str, config: dict[str, Any], arrays: Arrays | None = None) -> dict[str, Reply]: ...
+
+    def call(self, op: str, configs: Mapping[str, dict[str, Any]],
+             arrays: Mapping[str, Arrays] | None = None) -> dict[str, Reply]: ...
+
+
+@dataclass
+class PlanRequest:
+    """What `plan_and_preprocess` asks of every site (mirrors nnUNetv2_plan_and_preprocess options)."""
+
+    configurations: list[str]
+    planner: str = "ExperimentPlanner"
+    gpu_memory_target_gb: dict[str, float] = field(default_factory=dict)  # per site; empty: nnU-Net default
+    num_processes: int = 1
+
+
+@dataclass
+class FingerprintJob:
+    asym: bool = False
+    plan: PlanRequest | None = None
+    num_processes: int = 1
+    check_cases: bool = True
+
+
+@dataclass
+class FingerprintOutcome:
+    fingerprint: dict | None  # merged fingerprint (None with asym)
+    sites: dict[str, dict[str, Any]]  # per site: dataset name, files written
+    round_trips: int
+    gpu_memory_target_gb: float | None = None
+
+
+def _describe(caller: SiteCaller, job: FingerprintJob) -> dict[str, dict[str, Any]]:
+    replies = caller.broadcast("describe", {"check_cases": job.check_cases})
+    descs = {site: result for site, (result, _) in replies.items()}
+    problems = [p for d in descs.values() for p in d.get("problems", [])]
+    if problems:
+        raise FederationDataError("dataset problems found:\n  " + "\n  ".join(problems))
+    versions = {d.get("version") for d in descs.values()}
+    if len(versions) > 1:
+        raise FederationDataError("sites run different fednnunet versions: " +
+                                  ", ".join(f"{s}: {d.get('version')}" for s, d in descs.items()))
+    check_compatible(descs)
+    return descs
+
+
+def _gpu_target(job_plan: PlanRequest) -> float | None:
+    targets = job_plan.gpu_memory_target_gb
+    if not targets:
+        return None
+    smallest = min(targets.values())
+    if len(set(targets.values())) > 1:
+        logger.warning("sites have different GPU memory targets (%s); FFE plans one network for all sites, "
+                       "so it plans for the smallest: %.1f GB",
+                       ", ".join(f"{s}: {g} GB" for s, g in targets.items()), smallest)
+    return smallest
+
+
+def _exact_percentiles(caller: SiteCaller, summaries: list[SiteSummary], progress: Callable[[str], None]) -> tuple[list[list[float]], int]:
+    key_space = search_dtype(summaries)
+    pooled = pooled_sample_dtype(summaries)
+    num_channels = len(summaries[0].channels)
+    searches = [new_search([s.channels[ch] for s in summaries], key_space) for ch in range(num_channels)]
+    rounds = 0
+    while not all(search.done for _, search in searches):
+        requests, arrays, index = [], {}, []
+        for ch, (_, search) in enumerate(searches):
+            for lo, edges in search.requests():
+                arrays[f"edges_{len(requests)}"] = edges
+                requests.append({"channel": ch, "lo": int(lo)})
+                index.append(ch)
+        replies = caller.broadcast("fingerprint_counts", {"key_space": str(key_space), "requests": requests}, arrays)
+        rounds += 1
+        totals = [sum(np.asarray(out[f"counts_{i}"], dtype=np.int64) for _, out in replies.values())
+                  for i in range(len(requests))]
+        for ch, (_, search) in enumerate(searches):
+            search.update([t for t, c in zip(totals, index) if c == ch])
+        progress(f"percentile search round {rounds}: {sum(not s.done for _, s in searches)} channel(s) open")
+    return [plan.percentiles(search.keys(), key_space, pooled) for plan, search in searches], rounds
+
+
+def run_fingerprint_job(caller: SiteCaller, job: FingerprintJob,
+                        progress: Callable[[str], None] = logger.info) -> FingerprintOutcome:
+    """Run FFE (or the asym local planning) across all sites of ``caller``."""
+    descs = _describe(caller, job)
+    trips = 1
+    total_cases = sum(int(d["num_cases"]) for d in descs.values())
+    progress("sites: " + ", ".join(f"{s} ({d['dataset_name']}, {d['num_cases']} cases)" for s, d in descs.items()))
+    gpu = _gpu_target(job.plan) if job.plan and not job.asym else None
+
+    if job.asym:
+        configs = {}
+        for site in caller.sites:
+            plan = None
+            if job.plan:
+                plan = {"configurations": job.plan.configurations, "planner": job.plan.planner,
+                        "gpu_memory_target_gb": job.plan.gpu_memory_target_gb.get(site),
+                        "num_processes": job.plan.num_processes, "global_num_cases": None}
+            configs[site] = {"fingerprint": None, "plan": plan, "num_processes": job.num_processes}
+        replies = caller.call("fingerprint_apply", configs)
+        return FingerprintOutcome(None, _site_files(descs, replies), trips + 1)
+
+    replies = caller.broadcast("fingerprint_sample", {"global_num_cases": total_cases,
+                                                      "num_processes": job.num_processes})
+    trips += 1
+    summaries = [SiteSummary.from_dict(site, result["summary"]) for site, (result, _) in replies.items()]
+    progress(f"sampled {sum(c.count for s in summaries for c in s.channels[:1])} foreground voxels per channel "
+             f"from {total_cases} cases")
+    percentiles, search_rounds = _exact_percentiles(caller, summaries, progress)
+    trips += search_rounds
+    fingerprint = assemble_fingerprint(summaries, percentiles)
+    plan = None
+    if job.plan:
+        plan = {"configurations": job.plan.configurations, "planner": job.plan.planner,
+                "gpu_memory_target_gb": gpu, "num_processes": job.plan.num_processes,
+                "global_num_cases": total_cases}
+    replies = caller.broadcast("fingerprint_apply", {"fingerprint": fingerprint, "plan": plan,
+                                                     "num_processes": job.num_processes})
+    trips += 1
+    return FingerprintOutcome(fingerprint, _site_files(descs, replies), trips, gpu)
+
+
+def _site_files(descs: Mapping[str, dict[str, Any]], replies: Mapping[str, Reply]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for site, (result, _) in replies.items():
+        out[site] = {"dataset_name": descs[site]["dataset_name"], "num_cases": descs[site]["num_cases"],
+                     **{k: v for k, v in result.items() if k.endswith("_file")}}
+    return out

@@ -1,0 +1,118 @@
+"""Site side of federated fingerprint extraction: sample like nnU-Net, reveal only aggregates.
+
+Each case is analysed by nnU-Net's own ``DatasetFingerprintExtractor.analyze_case`` with the per-case sample count
+of the *pooled* dataset, so the samples are exactly the ones nnU-Net would draw for this case on pooled data.
+The samples stay in this process (sorted, as order keys); the server only ever receives counts, sums, extremes,
+and bucket counts for its percentile search.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from fednnunet.fingerprint.order_stats import count_in_buckets, float_to_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _CaseResult:
+    case: str
+    shape_after_crop: list[int]
+    spacing: list[float]
+    samples: list[np.ndarray]  # per channel; empty when the case has no foreground
+    relative_size: float
+
+
+def _analyze(case: str, images: list[str], label: str, reader_writer_class: type, num_samples: int) -> _CaseResult:
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    shape, spacing, samples, _stats, rel = DatasetFingerprintExtractor.analyze_case(
+        images, label, reader_writer_class, num_samples)
+    samples = [np.asarray(s) for s in samples]
+    return _CaseResult(case, [int(v) for v in shape], [float(v) for v in spacing], samples, float(rel))
+
+
+class LocalSamples:
+    """This site's foreground samples, kept sorted per channel as order keys for the percentile search."""
+
+    def __init__(self, site: str, cases: Sequence[_CaseResult], num_channels: int) -> None:
+        self.site = site
+        self.cases = list(cases)
+        dtypes = {s.dtype for c in self.cases for s in c.samples if s.size}
+        self.sample_dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float32)
+        self._values: list[np.ndarray] = []
+        self._keys: list[np.ndarray] = []
+        for ch in range(num_channels):
+            parts = [c.samples[ch] for c in self.cases if c.samples[ch].size]
+            values = (np.concatenate(parts) if parts else np.zeros(0)).astype(self.sample_dtype, copy=False)
+            if np.isnan(values).any():
+                raise ValueError(f"site {site}: channel {ch} has NaN foreground intensities")
+            self._values.append(values)
+            self._keys.append(np.sort(float_to_key(values)) if values.size else np.zeros(0, np.uint32))
+
+    @classmethod
+    def collect(cls, site: str, dataset_name: str, num_samples_per_case: int, num_processes: int = 1) -> "LocalSamples":
+        """Analyse every training case of this site's raw dataset with nnU-Net's own per-case code."""
+        from batchgenerators.utilities.file_and_folder_operations import join, load_json
+        from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+        from nnunetv2.paths import nnUNet_raw
+        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+        folder = join(nnUNet_raw, dataset_name)
+        dataset_json = load_json(join(folder, "dataset.json"))
+        dataset = get_filenames_of_train_images_and_targets(folder, dataset_json)
+        if not dataset:
+            raise ValueError(f"site {site}: dataset {dataset_name} has no training cases")
+        first = next(iter(dataset.values()))["images"][0]
+        rw = determine_reader_writer_from_dataset_json(dataset_json, first)
+        jobs = [(k, v["images"], v["label"], rw, num_samples_per_case) for k, v in dataset.items()]
+        if num_processes <= 1:
+            results = [_analyze(*j) for j in jobs]
+        else:
+            with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+                results = pool.starmap(_analyze, jobs)
+        logger.info("site %s: analysed %d cases (%d samples per case)", site, len(results), num_samples_per_case)
+        return cls(site, results, len(dataset_json["channel_names"]))
+
+    def summary(self) -> dict[str, Any]:
+        """Aggregates for the server: per-case geometry (as in nnU-Net's fingerprint) and per-channel moments."""
+        channels = []
+        for values in self._values:
+            if values.size:
+                v64 = values.astype(np.float64)
+                mean = float(v64.mean())
+                channels.append({"count": int(values.size), "mean": mean, "m2": float(((v64 - mean) ** 2).sum()),
+                                 "min": float(values.min()), "max": float(values.max())})
+            else:
+                channels.append({"count": 0, "mean": 0.0, "m2": 0.0, "min": 0.0, "max": 0.0})
+        return {
+            "spacings": [c.spacing for c in self.cases],
+            "shapes_after_crop": [c.shape_after_crop for c in self.cases],
+            "relative_sizes": [c.relative_size for c in self.cases],
+            "channels": channels,
+            "sample_dtype": str(self.sample_dtype),
+            "empty_foreground_cases": sum(1 for c in self.cases if any(s.size == 0 for s in c.samples)),
+        }
+
+    def bucket_counts(self, channel: int, key_space: np.dtype, lo: int, edges: np.ndarray) -> np.ndarray:
+        """How many of this site's samples of ``channel`` fall in each bucket of the server's request."""
+        keys = self._keys[channel]
+        if np.dtype(key_space) != self.sample_dtype:
+            keys = np.sort(float_to_key(self._values[channel].astype(key_space)))
+        return count_in_buckets(keys, lo, edges)
+
+
+def empty_case_names(samples: LocalSamples) -> list[str]:
+    """Cases without foreground voxels (nnU-Net samples nothing from them); reported, not an error."""
+    return [c.case for c in samples.cases if any(s.size == 0 for s in c.samples)]
+
+
+def as_path(p: str | Path) -> Path:
+    return Path(p)

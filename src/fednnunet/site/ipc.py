@@ -1,0 +1,91 @@
+"""Local framing between a site's Flower ClientApp and its long-lived site worker.
+
+Flower starts a fresh ClientApp process for every message, but a site's state (foreground samples, a built
+nnU-Net trainer with its data loaders) must live across rounds. The ClientApp therefore relays each message to the
+site worker over a Unix socket readable only by the site's user. The frame carries JSON and raw numeric arrays
+only: nothing is ever unpickled.
+
+Frame: 8-byte big-endian header length, UTF-8 JSON header ``{"body": {...}, "arrays": [{"name", "dtype",
+"shape"}]}``, then each array's C-ordered bytes in header order.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any, Mapping
+
+import numpy as np
+
+_LEN = struct.Struct(">Q")
+#: Largest header accepted (a JSON fingerprint of thousands of cases fits easily).
+MAX_HEADER_BYTES = 64 << 20
+#: Largest array payload accepted in one frame.
+MAX_PAYLOAD_BYTES = 16 << 30
+_ALLOWED_KINDS = "biuf"
+
+
+class FrameError(ValueError):
+    """A frame that is malformed or not allowed (non-numeric dtype, oversized, truncated)."""
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise FrameError(f"connection closed after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def _array_meta(name: str, arr: np.ndarray) -> dict[str, Any]:
+    if arr.dtype.kind not in _ALLOWED_KINDS:
+        raise FrameError(f"array '{name}' has dtype {arr.dtype}; only numeric arrays may be sent")
+    return {"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)}
+
+
+def send_frame(sock: socket.socket, body: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
+    arrays = {k: np.ascontiguousarray(v) for k, v in (arrays or {}).items()}
+    header = json.dumps({"body": body, "arrays": [_array_meta(k, v) for k, v in arrays.items()]}).encode()
+    sock.sendall(_LEN.pack(len(header)) + header)
+    for arr in arrays.values():
+        sock.sendall(memoryview(arr).cast("B"))
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    (hlen,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    if hlen > MAX_HEADER_BYTES:
+        raise FrameError(f"header of {hlen} bytes exceeds {MAX_HEADER_BYTES}")
+    header = json.loads(_recv_exact(sock, hlen))
+    metas = header.get("arrays", [])
+    total = 0
+    plan = []
+    for meta in metas:
+        dtype = np.dtype(meta["dtype"])
+        if dtype.kind not in _ALLOWED_KINDS:
+            raise FrameError(f"array '{meta['name']}' has dtype {dtype}; only numeric arrays are accepted")
+        shape = tuple(int(s) for s in meta["shape"])
+        if any(s < 0 for s in shape):
+            raise FrameError(f"array '{meta['name']}' has a negative dimension")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        total += nbytes
+        plan.append((meta["name"], dtype, shape, nbytes))
+    if total > MAX_PAYLOAD_BYTES:
+        raise FrameError(f"payload of {total} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    arrays = {name: np.frombuffer(_recv_exact(sock, nbytes), dtype=dtype).reshape(shape)
+              for name, dtype, shape, nbytes in plan}
+    return header["body"], arrays
+
+
+def request(path: str, body: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None,
+            timeout: float | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One request/reply exchange with the site worker listening on Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        send_frame(sock, body, arrays)
+        return recv_frame(sock)

@@ -1,0 +1,170 @@
+"""The long-lived process of one site: holds the site's state across Flower messages and does the ML.
+
+Started next to the site's SuperNode (by ``fednnunet client`` or the one-machine launcher) with the nnU-Net
+environment of the site. It serves one request at a time on a Unix socket created with mode 0600; the ClientApp
+relays the server's messages to it (see :mod:`fednnunet.site.ipc`). Errors are returned as messages naming the
+site, never as tracebacks crossing the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socketserver
+import time
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+
+from fednnunet.site import ipc
+
+logger = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+Handler = Callable[[dict[str, Any], Arrays], tuple[dict[str, Any], Arrays]]
+
+
+class SiteError(RuntimeError):
+    """A failure at a site whose message is meant for the coordinator as is."""
+
+
+class SiteWorker:
+    """State and operations of one site; each ``op_*`` method answers one message type."""
+
+    def __init__(self, site: str, dataset: str) -> None:
+        self.site = site
+        self.dataset = dataset
+        self.dataset_name: str | None = None
+        self.samples = None  # LocalSamples of the running fingerprint extraction
+        self.training = None  # TrainingSession of the running federated training
+
+    # --- protocol -----------------------------------------------------------------------------------------
+    def handle(self, body: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        op = body.get("op")
+        handler: Handler | None = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"site {self.site}: unknown operation {op!r}"}, {}
+        started = time.perf_counter()
+        try:
+            result, out = handler(body.get("config", {}), arrays)
+        except Exception as err:  # reported to the server with the site named; details stay in the site log
+            logger.error("site %s: %s failed:\n%s", self.site, op, traceback.format_exc())
+            msg = str(err)
+            if self.site not in msg:
+                msg = f"site {self.site}: {msg}"
+            return {"ok": False, "error": f"{op}: {type(err).__name__}: {msg}"}, {}
+        result.setdefault("site", self.site)
+        result["seconds"] = time.perf_counter() - started
+        return {"ok": True, "result": result}, out
+
+    # --- fingerprint ----------------------------------------------------------------------------------------
+    def op_describe(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        from fednnunet import __version__
+        from fednnunet.fingerprint.integrity import check_site_cases, describe_site
+
+        desc = describe_site(self.site, self.dataset)
+        self.dataset_name = desc["dataset_name"]
+        problems = check_site_cases(self.site, self.dataset_name) if config.get("check_cases", True) else []
+        desc.update(problems=problems, version=__version__, gpu_memory_target_gb=config.get("gpu_memory_target_gb"))
+        return desc, {}
+
+    def op_fingerprint_sample(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        from fednnunet.fingerprint.merge import samples_per_case
+        from fednnunet.fingerprint.site_samples import LocalSamples, empty_case_names
+
+        name = self._dataset_name()
+        per_case = samples_per_case(int(config["global_num_cases"]))
+        self.samples = LocalSamples.collect(self.site, name, per_case, int(config.get("num_processes", 1)))
+        summary = self.samples.summary()
+        for case in empty_case_names(self.samples):
+            logger.warning("site %s, case %s: no foreground voxels; nnU-Net samples no intensities from it",
+                           self.site, case)
+        return {"summary": summary}, {}
+
+    def op_fingerprint_counts(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        if self.samples is None:
+            raise SiteError(f"site {self.site}: counts requested before sampling")
+        key_space = np.dtype(config["key_space"])
+        out = {}
+        for i, req in enumerate(config["requests"]):
+            out[f"counts_{i}"] = self.samples.bucket_counts(int(req["channel"]), key_space, int(req["lo"]),
+                                                            arrays[f"edges_{i}"])
+        return {}, out
+
+    def op_fingerprint_apply(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        """Write the merged fingerprint (FFE) or extract a local one (asym), then plan/preprocess if asked."""
+        from fednnunet.planning.site_planning import (extract_local_fingerprint, plan_and_preprocess_site,
+                                                      preprocessed_folder, write_json_atomic)
+
+        name = self._dataset_name()
+        fingerprint = config.get("fingerprint")
+        plan = config.get("plan")
+        self.samples = None  # the samples are no longer needed; free the memory
+        if plan is None:
+            if fingerprint is None:
+                fingerprint = extract_local_fingerprint(name, int(config.get("num_processes", 1)))
+            else:
+                write_json_atomic(preprocessed_folder(name) / "dataset_fingerprint.json", fingerprint)
+            return {"fingerprint_file": str(preprocessed_folder(name) / "dataset_fingerprint.json")}, {}
+        if fingerprint is None:
+            extract_local_fingerprint(name, int(plan.get("num_processes", 1)))
+        plans = plan_and_preprocess_site(
+            name, fingerprint, plan["configurations"], planner=plan["planner"],
+            gpu_memory_target_gb=plan.get("gpu_memory_target_gb"), num_processes=int(plan.get("num_processes", 1)),
+            global_num_cases=plan.get("global_num_cases"), preprocess=True)
+        return {"plans": plans, "plans_file": str(preprocessed_folder(name) / f"{plans['plans_name']}.json")}, {}
+
+    def _dataset_name(self) -> str:
+        if self.dataset_name is None:
+            from fednnunet.fingerprint.integrity import describe_site
+
+            self.dataset_name = describe_site(self.site, self.dataset)["dataset_name"]
+        return self.dataset_name
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        worker: SiteWorker = self.server.worker  # type: ignore[attr-defined]
+        try:
+            body, arrays = ipc.recv_frame(self.request)
+        except (ipc.FrameError, ValueError) as err:
+            ipc.send_frame(self.request, {"ok": False, "error": f"site {worker.site}: bad request: {err}"})
+            return
+        reply, out = worker.handle(body, arrays)
+        ipc.send_frame(self.request, reply, out)
+
+
+def serve(socket_path: str, site: str, dataset: str) -> None:
+    """Serve requests on ``socket_path`` until terminated."""
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)
+    old = os.umask(0o077)  # the socket is reachable by this user only
+    try:
+        server = socketserver.UnixStreamServer(socket_path, _Handler)
+    finally:
+        os.umask(old)
+    server.worker = SiteWorker(site, dataset)  # type: ignore[attr-defined]
+    logger.info("site %s (dataset %s) listening on %s", site, dataset, socket_path)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="FednnU-Net site worker (started by `fednnunet client`)")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--site", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(args.socket, args.site, args.dataset)
+
+
+if __name__ == "__main__":
+    main()
