@@ -1,0 +1,261 @@
+"""Four real retinal-vessel sites (DRIVE, STARE, CHASE_DB1, RC-SLO) as nnU-Net v2 raw datasets.
+
+The source is the folder described in ``shared/data/retina-vessels/README.md`` (one sub-folder per
+collection, RGB uint8 TIFF images, single-channel uint8 TIFF masks). The data are never copied into
+this repository or shipped with the package; this module only converts a local copy.
+
+Format, identical for all four sites (the federation requires equal channels, labels and file ending):
+
+* ``file_ending`` ``.png``, read by nnU-Net's ``NaturalImage2DIO``: this is nnU-Net's own recipe for
+  2D natural RGB images (its ``Dataset120_RoadSegmentation`` conversion). PNG is lossless, one file per
+  case holds the three colour channels, and the reader returns them as three channels of shape
+  ``(3, 1, H, W)``. Pixel spacing is unknown for these collections (treat as 1 x 1); NaturalImage2DIO
+  reports the nominal 2D spacing ``(999, 1, 1)``, so HD95 on these datasets is in pixels of the
+  converted images.
+* ``channel_names`` ``{"0": "R", "1": "G", "2": "B"}``. The green channel alone carries most vessel
+  contrast and is a common hand-made choice, but nnU-Net's approach is to avoid hand-made
+  preprocessing: it z-scores each channel per image and lets the network weigh them. Keeping RGB also
+  keeps the colour differences between cameras, which are part of the site heterogeneity the
+  federation is meant to face. The cost is only the first convolution and the input I/O.
+* ``labels`` ``{"background": 0, "vessel": 1}``. Masks stored as 0/255 are normalised to 0/1; any
+  other value is refused.
+
+All cases of a site go to ``imagesTr``/``labelsTr`` (DRIVE: its train and test folders, 40 cases;
+STARE 10; CHASE_DB1 8, first annotator; RC-SLO 10): nnU-Net's 5-fold cross-validation splits them.
+Case identifiers are ``<SITE>_<source id>``, e.g. ``DRIVE_21``, ``CHASEDB1_Image_11L``.
+
+``downsample`` (integer factor ``d``, default 1 = original resolution) makes a CPU benchmark feasible.
+Height and width are first cropped to multiples of ``d`` (at most ``d - 1`` rows/columns at the bottom
+and right, outside the circular field of view in these images), then images are area-averaged over
+``d x d`` blocks (rounded back to uint8) and masks take the block majority, ties going to vessel (a
+block is vessel when at least half of it is), so vessels about half a block wide do not vanish. The
+factor is recorded in ``dataset.json`` under ``fednnunet_source.downsample``: multiply pixel HD95 by
+it to get original pixels.
+
+Writing is atomic: every site is written to a temporary folder inside ``out_dir`` and renamed into
+place only after all four are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["convert_retina_vessels", "SITES", "CHANNEL_NAMES", "LABELS", "FILE_ENDING"]
+
+CHANNEL_NAMES: dict[str, str] = {"0": "R", "1": "G", "2": "B"}
+LABELS: dict[str, int] = {"background": 0, "vessel": 1}
+FILE_ENDING = ".png"
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One image folder of a collection and how its image names map to mask names."""
+
+    image_dir: str  # relative to the collection folder
+    label_dir: str
+    image_pattern: str  # regex on the file stem, group "id" is the case id
+    label_stem: str  # format string with {id}
+
+
+@dataclass(frozen=True)
+class _Site:
+    name: str  # used in the dataset name and case identifiers
+    folder: str  # sub-folder of the source
+    parts: tuple[_Part, ...]
+    citation: str
+    license: str
+
+
+SITES: tuple[_Site, ...] = (
+    _Site(
+        "DRIVE",
+        "drive",
+        (
+            _Part("train/img", "train/label", r"(?P<id>\d+)_training", "{id}_manual1"),
+            _Part("test/img", "test/label", r"(?P<id>\d+)_test", "{id}_manual1"),
+        ),
+        "Staal et al., Ridge-based vessel segmentation in color images of the retina, IEEE TMI 23(4), 2004",
+        "research use with citation",
+    ),
+    _Site(
+        "STARE",
+        "stare",
+        (_Part("test/image", "test/label", r"(?P<id>im\d+)", "{id}"),),
+        "Hoover et al., Locating blood vessels in retinal images by piecewise threshold probing, IEEE TMI 19(3), 2000",
+        "research use with citation",
+    ),
+    _Site(
+        "CHASEDB1",
+        "chase_db1",
+        (_Part("test/img", "test/label", r"(?P<id>Image_\d+[LR])", "{id}_1stHO"),),
+        "Owen et al., Measuring retinal vessel tortuosity in 10-year-old children, IOVS 50(5), 2009",
+        "CC BY 4.0",
+    ),
+    _Site(
+        "RCSLO",
+        "rc-slo",
+        (_Part("test/img", "test/label", r"(?P<id>[A-Za-z0-9_-]+)", "{id}"),),
+        "Zhang et al., Robust retinal vessel segmentation via locally adaptive derivative frames, "
+        "IEEE TMI 35(12), 2016",
+        "research use with citation",
+    ),
+)
+
+
+def _tifs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".tif", ".tiff")
+                  and not p.name.startswith("."))
+
+
+def _find_cases(src: Path, site: _Site) -> list[tuple[str, Path, Path]]:
+    """(case identifier, image file, label file) for one site; ValueError if the layout is unexpected."""
+    root = src / site.folder
+    if not root.is_dir():
+        raise ValueError(f"{src}: collection folder {site.folder!r} for site {site.name} is missing")
+    cases: list[tuple[str, Path, Path]] = []
+    for part in site.parts:
+        img_dir, lab_dir = root / part.image_dir, root / part.label_dir
+        for d in (img_dir, lab_dir):
+            if not d.is_dir():
+                raise ValueError(f"{root}: expected folder {d.relative_to(root)} for site {site.name} is missing")
+        images = _tifs(img_dir)
+        if not images:
+            raise ValueError(f"{img_dir}: no .tif images for site {site.name}")
+        missing: list[str] = []
+        for img in images:
+            m = re.fullmatch(part.image_pattern, img.stem)
+            if m is None:
+                raise ValueError(f"{img_dir}: unexpected image name {img.name!r} for site {site.name} "
+                                 f"(expected stems matching {part.image_pattern!r})")
+            label_stem = part.label_stem.format(id=m["id"])
+            label = next((lab_dir / (label_stem + ext) for ext in (img.suffix, ".tif", ".tiff")
+                          if (lab_dir / (label_stem + ext)).is_file()), None)
+            if label is None:
+                missing.append(label_stem + img.suffix)
+                continue
+            cases.append((f"{site.name}_{m['id']}", img, label))
+        if missing:
+            raise ValueError(f"{lab_dir}: missing label file(s) for site {site.name}: {', '.join(missing)}")
+    ids = [c[0] for c in cases]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"{root}: duplicate case ids for site {site.name}: {dupes}")
+    return cases
+
+
+def _read_case(image_file: Path, label_file: Path) -> tuple[np.ndarray, np.ndarray]:
+    import tifffile
+
+    image = tifffile.imread(image_file)
+    label = tifffile.imread(label_file)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"{image_file}: expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+    if label.ndim != 2 or label.shape != image.shape[:2]:
+        raise ValueError(f"{label_file}: expected a single-channel mask of shape {image.shape[:2]}, got {label.shape}")
+    values = np.unique(label)
+    if not set(values.tolist()) <= {0, 1, 255}:
+        raise ValueError(f"{label_file}: mask values must be 0/1 (or 0/255), found {values.tolist()[:10]}")
+    return image, (label > 0).astype(np.uint8)
+
+
+def _downsample(image: np.ndarray, label: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    if d == 1:
+        return image, label
+    h, w = (image.shape[0] // d) * d, (image.shape[1] // d) * d
+    if h == 0 or w == 0:
+        raise ValueError(f"downsample factor {d} is larger than the image {image.shape[:2]}")
+    img = image[:h, :w].reshape(h // d, d, w // d, d, 3).mean(axis=(1, 3))
+    lab = label[:h, :w].reshape(h // d, d, w // d, d).mean(axis=(1, 3))
+    return np.rint(img).astype(np.uint8), (lab >= 0.5).astype(np.uint8)
+
+
+def _write_site(folder: Path, site: _Site, cases: list[tuple[str, Path, Path]], downsample: int) -> None:
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+    from skimage import io
+
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    vessel_px = total_px = 0
+    shapes = set()
+    for case_id, image_file, label_file in cases:
+        image, label = _downsample(*_read_case(image_file, label_file), downsample)
+        io.imsave(folder / "imagesTr" / f"{case_id}_0000{FILE_ENDING}", image, check_contrast=False)
+        io.imsave(folder / "labelsTr" / f"{case_id}{FILE_ENDING}", label, check_contrast=False)
+        vessel_px += int(label.sum())
+        total_px += label.size
+        shapes.add(label.shape)
+        if not label.any():
+            logger.warning("%s: %s has no vessel pixels after downsampling by %d", site.name, case_id, downsample)
+    generate_dataset_json(
+        str(folder), CHANNEL_NAMES, LABELS, len(cases), FILE_ENDING,
+        reference=site.citation,  # generate_dataset_json 2.8.1 stores `release` under "citation"
+        dataset_name=folder.name,
+        description=f"Retinal vessel segmentation, site {site.name} (RGB fundus/SLO images, 2D)",
+        license=site.license,
+        converted_by="fednnunet.data.retina",
+        fednnunet_source={"site": site.name, "collection": site.folder, "downsample": downsample},
+    )
+    logger.info("%s: %d cases, shapes %s, vessel fraction %.3f", site.name, len(cases), sorted(shapes),
+                vessel_px / max(total_px, 1))
+
+
+def convert_retina_vessels(src: Path, out_dir: Path, first_id: int, downsample: int = 1) -> list[Path]:
+    """Write ``Dataset{first_id}_DRIVE``, ``+1 _STARE``, ``+2 _CHASEDB1``, ``+3 _RCSLO`` into ``out_dir``.
+
+    Returns the four dataset folders in that order. See the module docstring for the format.
+
+    Raises:
+        ValueError: ``src`` does not have the expected layout (the message names the folder and what is
+            missing), a file is not as expected, or the arguments are out of range.
+        FileExistsError: ``out_dir`` already holds a ``DatasetNNN_*`` folder with one of the four ids.
+    """
+    src, out_dir = Path(src), Path(out_dir)
+    if not isinstance(downsample, (int, np.integer)) or isinstance(downsample, bool) or downsample < 1:
+        raise ValueError(f"downsample must be an integer >= 1, got {downsample!r}")
+    downsample = int(downsample)
+    if not 1 <= first_id <= 999 - (len(SITES) - 1):
+        raise ValueError(f"first_id must be in 1..{999 - len(SITES) + 1} (nnU-Net dataset ids), got {first_id}")
+    if not src.is_dir():
+        raise ValueError(f"{src}: retina-vessels source folder does not exist")
+    all_cases = [_find_cases(src, site) for site in SITES]  # validate the whole layout before writing
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = [out_dir / f"Dataset{first_id + i:03d}_{site.name}" for i, site in enumerate(SITES)]
+    existing = [e.name for e in out_dir.iterdir()]
+    for i in range(len(SITES)):
+        clash = sorted(n for n in existing if re.fullmatch(rf"Dataset{first_id + i:03d}_.+", n))
+        if clash:
+            raise FileExistsError(f"{out_dir / clash[0]} already exists (dataset id {first_id + i}); "
+                                  "choose another first_id or remove it")
+
+    temps: list[Path] = []
+    try:
+        for site, cases, target in zip(SITES, all_cases, targets):
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{target.name}_", dir=out_dir))
+            temps.append(tmp)
+            _write_site(tmp / target.name, site, cases, downsample)
+        done: list[tuple[Path, Path]] = []
+        try:
+            for tmp, target in zip(temps, targets):
+                # atomic on one filesystem; fails rather than merging if the target appeared meanwhile
+                os.rename(tmp / target.name, target)
+                done.append((tmp, target))
+        except OSError:
+            for tmp, target in done:  # all four or none
+                os.rename(target, tmp / target.name)
+            raise
+    finally:
+        for tmp in temps:
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("wrote %s (downsample %d)", ", ".join(t.name for t in targets), downsample)
+    return targets
