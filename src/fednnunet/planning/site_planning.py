@@ -64,6 +64,20 @@ def restore_on_failure(paths: Sequence[Path]) -> Iterator[None]:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def positive_da_workers() -> Iterator[None]:
+    """nnU-Net's planner calls ``torch.set_num_threads(nnUNet_n_proc_DA)``, which rejects the 0 that is best for
+    training small CPU runs; plan with 1 and restore the site's setting afterwards."""
+    old = os.environ.get("nnUNet_n_proc_DA")
+    if old is not None and int(old) < 1:
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["nnUNet_n_proc_DA"] = old
+
+
 def preprocessed_folder(dataset_name: str) -> Path:
     from nnunetv2.paths import nnUNet_preprocessed
 
@@ -123,7 +137,8 @@ def plan_and_preprocess_site(
             if global_num_cases is not None:
                 # nnU-Net reads numTraining only to cap the batch size; the pooled dataset has this many cases.
                 instance.dataset_json["numTraining"] = int(global_num_cases)
-            plans = instance.plan_experiment()
+            with positive_da_workers():
+                plans = instance.plan_experiment()
             if preprocess and configurations:
                 preprocess_dataset(convert_dataset_name_to_id(dataset_name), instance.plans_identifier,
                                    list(configurations), [num_processes] * len(configurations),
