@@ -4,14 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test clean
 
 install: $(STAMP)
 
 # torch first, from the pinned CPU wheel; then the package with every other pin from constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
@@ -22,8 +21,5 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
-bench: install
-	$(BIN)/fednnunet bench all --out benchmarks_out
-
 clean:
-	rm -rf $(VENV) demo_run benchmarks_out
+	rm -rf $(VENV) demo_run
