@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
+
+from fednnunet.data.raw_layout import write_raw_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -28,34 +28,30 @@ def _dataset_folder(raw: Path, dataset_id: int | str) -> Path:
 def pool_datasets(raw: Path, dataset_ids: Sequence[int | str], pooled_id: int, name: str = "Pooled") -> Path:
     """Create ``raw/Dataset<pooled_id>_<name>`` holding every training case of ``dataset_ids``."""
     raw = Path(raw)
-    target = raw / f"Dataset{pooled_id:03d}_{name}"
-    if target.exists():
-        raise FileExistsError(f"{target} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=raw))
-    try:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
+    total = 0
+
+    def write(_: int, folder: Path) -> None:
+        nonlocal total
+        (folder / "imagesTr").mkdir(parents=True)
+        (folder / "labelsTr").mkdir()
         base: dict | None = None
-        total = 0
         for ds in dataset_ids:
-            folder = _dataset_folder(raw, ds)
-            dj = json.loads((folder / "dataset.json").read_text())
+            source = _dataset_folder(raw, ds)
+            dj = json.loads((source / "dataset.json").read_text())
             base = base or dj
             ending = dj["file_ending"]
             prefix = f"s{int(ds)}_"
-            for label in sorted((folder / "labelsTr").glob(f"*{ending}")):
+            for label in sorted((source / "labelsTr").glob(f"*{ending}")):
                 case = label.name[: -len(ending)]
-                os.symlink(label.resolve(), tmp / "labelsTr" / f"{prefix}{label.name}")
-                for img in sorted((folder / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}")):
-                    os.symlink(img.resolve(), tmp / "imagesTr" / f"{prefix}{img.name}")
+                os.symlink(label.resolve(), folder / "labelsTr" / f"{prefix}{label.name}")
+                for img in sorted((source / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}")):
+                    os.symlink(img.resolve(), folder / "imagesTr" / f"{prefix}{img.name}")
                 total += 1
         assert base is not None
         pooled = {k: v for k, v in base.items() if k != "numTraining"}
         pooled.update(numTraining=total, name=name)
-        (tmp / "dataset.json").write_text(json.dumps(pooled, indent=2))
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (folder / "dataset.json").write_text(json.dumps(pooled, indent=2))
+
+    (target,) = write_raw_datasets(raw, pooled_id, [name], write)
     logger.info("pooled %d cases of %s into %s", total, ", ".join(map(str, dataset_ids)), target)
     return target

@@ -39,14 +39,13 @@ place only after all four are complete.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fednnunet.data.raw_layout import write_raw_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -229,33 +228,7 @@ def convert_retina_vessels(src: Path, out_dir: Path, first_id: int, downsample: 
         raise ValueError(f"{src}: retina-vessels source folder does not exist")
     all_cases = [_find_cases(src, site) for site in SITES]  # validate the whole layout before writing
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    targets = [out_dir / f"Dataset{first_id + i:03d}_{site.name}" for i, site in enumerate(SITES)]
-    existing = [e.name for e in out_dir.iterdir()]
-    for i in range(len(SITES)):
-        clash = sorted(n for n in existing if re.fullmatch(rf"Dataset{first_id + i:03d}_.+", n))
-        if clash:
-            raise FileExistsError(f"{out_dir / clash[0]} already exists (dataset id {first_id + i}); "
-                                  "choose another first_id or remove it")
-
-    temps: list[Path] = []
-    try:
-        for site, cases, target in zip(SITES, all_cases, targets):
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{target.name}_", dir=out_dir))
-            temps.append(tmp)
-            _write_site(tmp / target.name, site, cases, downsample)
-        done: list[tuple[Path, Path]] = []
-        try:
-            for tmp, target in zip(temps, targets):
-                # atomic on one filesystem; fails rather than merging if the target appeared meanwhile
-                os.rename(tmp / target.name, target)
-                done.append((tmp, target))
-        except OSError:
-            for tmp, target in done:  # all four or none
-                os.rename(target, tmp / target.name)
-            raise
-    finally:
-        for tmp in temps:
-            shutil.rmtree(tmp, ignore_errors=True)
+    targets = write_raw_datasets(out_dir, first_id, [site.name for site in SITES],
+                                 lambda i, folder: _write_site(folder, SITES[i], all_cases[i], downsample))
     logger.info("wrote %s (downsample %d)", ", ".join(t.name for t in targets), downsample)
     return targets

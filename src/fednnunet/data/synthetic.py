@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from fednnunet.data.raw_layout import write_raw_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -219,35 +217,17 @@ def write_demo_federation(out_dir: Path, first_id: int = 901, sites: int = 3, di
         raise ValueError(f"dim must be 2 or 3, got {dim!r}")
     if sites < 1:
         raise ValueError(f"sites must be >= 1, got {sites!r}")
-    if not (1 <= first_id and first_id + sites - 1 <= 999):
-        raise ValueError(f"dataset ids {first_id}..{first_id + sites - 1} are outside nnU-Net's range 1..999")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
     profiles = [_profile(i, dim) for i in range(sites)]
-    targets = [out_dir / f"Dataset{first_id + i:03d}_{p.name}" for i, p in enumerate(profiles)]
-    existing = {e.name for e in out_dir.iterdir()}
-    for i, target in enumerate(targets):
-        clash = sorted(n for n in existing if re.fullmatch(rf"Dataset{first_id + i:03d}_.+", n))
-        if clash:
-            raise FileExistsError(f"{out_dir / clash[0]} already exists (dataset id {first_id + i}); "
-                                  "remove it or choose another first_id")
 
-    temps: list[Path] = []
-    try:
-        for i, (profile, target) in enumerate(zip(profiles, targets)):
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{target.name}_", dir=out_dir))
-            temps.append(tmp)
-            _write_dataset(tmp, profile, i, seed, ct)
-            logger.info("site %s: %d cases, spacing %s mm, shape ~%s, levels bg/ring/core %.0f/%.0f/%.0f, "
-                        "noise %.0f%s", profile.name, profile.num_cases, profile.spacing, profile.shape,
-                        profile.background, profile.ring, profile.core, profile.noise,
-                        f", zero border {profile.zero_border}" if profile.zero_border else "")
-        for tmp, target in zip(temps, targets):
-            os.rename(tmp, target)  # atomic on one filesystem; fails rather than merging if target appeared
-    except BaseException:
-        for tmp in temps:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    def write(i: int, folder: Path) -> None:
+        profile = profiles[i]
+        folder.mkdir()
+        _write_dataset(folder, profile, i, seed, ct)
+        logger.info("site %s: %d cases, spacing %s mm, shape ~%s, levels bg/ring/core %.0f/%.0f/%.0f, "
+                    "noise %.0f%s", profile.name, profile.num_cases, profile.spacing, profile.shape,
+                    profile.background, profile.ring, profile.core, profile.noise,
+                    f", zero border {profile.zero_border}" if profile.zero_border else "")
+
+    targets = write_raw_datasets(Path(out_dir), first_id, [p.name for p in profiles], write)
     logger.info("wrote %d synthetic %dD site(s) to %s", sites, dim, out_dir)
     return targets
