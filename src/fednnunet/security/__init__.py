@@ -1,0 +1,1 @@
+"""Transport security: certificates, site keys."""
