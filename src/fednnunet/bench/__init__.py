@@ -1,0 +1,18 @@
+"""Benchmarks of issue 6, as library functions (the ``fednnunet bench ...`` commands print them).
+
+* :func:`bench_aggregate` (``aggregate.py``): time and server peak memory of aggregating K site updates,
+  FFE (FedAvg with :class:`~fednnunet.aggregation.StreamingAverager`) and AsymFedAvg
+  (:func:`~fednnunet.aggregation.asym_fedavg`), against a plain ``np.copyto`` of the same bytes timed in
+  the same run. The ratio is the figure: absolute times vary between machines.
+* :func:`bench_planning` (``planning.py``): ``fednnunet run plan_and_preprocess`` on K synthetic sites vs.
+  each site's local ``nnUNetv2_plan_and_preprocess`` alone, same machine, same run.
+
+Benchmarks are not part of ``make test``; ``tests/test_bench_smoke.py`` only checks that they run and
+return their keys. Nothing heavy is imported here (no torch, no nnU-Net): the planning bench runs both
+tools as subprocesses.
+"""
+
+from fednnunet.bench.aggregate import bench_aggregate, format_aggregate_table, model_shapes
+from fednnunet.bench.planning import bench_planning, format_planning
+
+__all__ = ["bench_aggregate", "bench_planning", "format_aggregate_table", "format_planning", "model_shapes"]

@@ -1,0 +1,146 @@
+"""Federated vs. local planning time (issue 6, item 3).
+
+``fednnunet run plan_and_preprocess "<ids>" -c 2d -np 1`` on K synthetic sites (a real one-machine
+federation: SuperLink, SuperNodes, site workers, federated fingerprint) against nnU-Net's own
+``nnUNetv2_plan_and_preprocess -d ID -c 2d -np 1`` run for each site alone, one after the other, on a second
+copy of the same raw data with its own ``nnUNet_preprocessed``; the slowest site is the reference. Both are
+timed as subprocesses (wall clock, process start-up and imports included) on the same machine in the same run.
+
+Read the ratio with the machine in mind: the federation runs the K sites' planning *concurrently* on this
+one machine, while each local run has the machine to itself. With K sites on fewer than K cores the
+federated figure includes CPU contention that a real federation (one machine per site) does not have;
+``sum_local_s`` (all local runs back to back) and ``cpu_count`` are returned so this can be judged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["bench_planning", "format_planning"]
+
+_NNUNET_DIRS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+def _tool(name: str) -> str:
+    """The console script ``name`` of this environment (next to the running python), else from PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH")
+    return found
+
+
+def _env(root: Path) -> dict[str, str]:
+    """This process's environment with its own nnU-Net folders under ``root``.
+
+    ``nnUNet_n_proc_DA`` is removed: nnU-Net's planner calls ``torch.set_num_threads`` with it, and the
+    value 0 (the fastest for tiny CPU training) crashes planning. Removed for both runs so they see the
+    same environment.
+    """
+    env = dict(os.environ)
+    env.pop("nnUNet_n_proc_DA", None)
+    for var in _NNUNET_DIRS:
+        path = root / var
+        path.mkdir(parents=True, exist_ok=True)
+        env[var] = str(path)
+    return env
+
+
+def _timed(cmd: list[str], env: Mapping[str, str], log: Path, timeout_s: float) -> float:
+    """Run ``cmd`` to completion (output to ``log``); return its wall time; raise if it fails."""
+    with log.open("wb") as out:
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired as err:
+            raise RuntimeError(f"{' '.join(cmd)} did not finish in {timeout_s:.0f} s (log: {log})") from err
+        elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode} (log: {log}):\n{tail}")
+    return elapsed
+
+
+def bench_planning(sites: int = 3, work: Path | str | None = None, seed: int = 0, *, first_id: int = 901,
+                   configuration: str = "2d", num_processes: int = 1, warmup: bool = True,
+                   timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Time federated planning of ``sites`` synthetic 2D sites against each site's local nnU-Net planning.
+
+    ``work`` must be a new or empty folder (default: a temporary folder, removed afterwards); it gets
+    ``federated/`` and ``local/`` (each with its own ``nnUNet_raw``, ``nnUNet_preprocessed``,
+    ``nnUNet_results``) and ``logs/`` with every command's output. ``warmup`` first imports torch, nnU-Net
+    and Flower once in a throwaway process, so neither side pays for a cold file cache.
+
+    Returns ``federated_s``, ``slowest_local_s``, ``ratio`` (= federated_s / slowest_local_s),
+    ``per_site_local_s`` ({dataset id: seconds}), and for context ``sum_local_s``, ``sites``,
+    ``cpu_count``, ``commands`` and ``work``.
+    """
+    from fednnunet.data.synthetic import write_demo_federation
+
+    if sites < 1:
+        raise ValueError(f"sites must be >= 1, got {sites!r}")
+    cleanup = work is None
+    root = Path(tempfile.mkdtemp(prefix="fednnunet-bench-planning-") if work is None else work).resolve()
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} is not empty: the planning benchmark needs a fresh folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        logs = root / "logs"
+        logs.mkdir()
+        fed_env, local_env = _env(root / "federated"), _env(root / "local")
+        ids = [str(first_id + i) for i in range(sites)]
+        write_demo_federation(Path(fed_env["nnUNet_raw"]), first_id=first_id, sites=sites, dim=2, seed=seed)
+        for folder in sorted(Path(fed_env["nnUNet_raw"]).iterdir()):  # the same raw data, a separate copy
+            shutil.copytree(folder, Path(local_env["nnUNet_raw"]) / folder.name)
+
+        if warmup:
+            _timed([sys.executable, "-c", "import torch, flwr, nnunetv2.experiment_planning.plan_and_preprocess_api"],
+                   local_env, logs / "warmup.log", timeout_s)
+
+        fed_cmd = [_tool("fednnunet"), "run", "plan_and_preprocess", " ".join(ids), "-c", configuration,
+                   "-np", str(num_processes), "--out", str(root / "federated" / "run")]
+        federated_s = _timed(fed_cmd, fed_env, logs / "federated.log", timeout_s)
+
+        per_site: dict[str, float] = {}
+        local_cmds = []
+        for ds in ids:
+            cmd = [_tool("nnUNetv2_plan_and_preprocess"), "-d", ds, "-c", configuration, "-np", str(num_processes)]
+            local_cmds.append(cmd)
+            per_site[ds] = _timed(cmd, local_env, logs / f"local_{ds}.log", timeout_s)
+
+        slowest = max(per_site.values())
+        return {
+            "federated_s": federated_s,
+            "slowest_local_s": slowest,
+            "ratio": federated_s / slowest,
+            "per_site_local_s": per_site,
+            "sum_local_s": sum(per_site.values()),
+            "sites": sites,
+            "cpu_count": os.cpu_count(),
+            "commands": {"federated": " ".join(fed_cmd), "local": [" ".join(c) for c in local_cmds]},
+            "work": None if cleanup else str(root),
+        }
+    finally:
+        if cleanup:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def format_planning(result: Mapping[str, Any]) -> str:
+    """A few human-readable lines for a :func:`bench_planning` result."""
+    per_site = ", ".join(f"{ds}: {s:.1f} s" for ds, s in result["per_site_local_s"].items())
+    return (f"federated plan_and_preprocess ({result['sites']} sites, one machine, {result['cpu_count']} CPUs): "
+            f"{result['federated_s']:.1f} s\n"
+            f"local nnUNetv2_plan_and_preprocess per site: {per_site}; slowest {result['slowest_local_s']:.1f} s, "
+            f"all back to back {result['sum_local_s']:.1f} s\n"
+            f"ratio federated / slowest local: {result['ratio']:.2f}")

@@ -1,0 +1,82 @@
+"""Smoke tests of the benchmarks (issue 6): they run and return their keys. Not benchmarks themselves.
+
+The planning benchmark (two full nnU-Net planning runs and a federation) is too slow for the default
+tests; it is only checked for its argument handling here and run by hand (``fednnunet bench planning``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fednnunet.aggregation import asym_fedavg, fedavg
+from fednnunet.bench import bench_aggregate, bench_planning, format_aggregate_table, model_shapes
+from fednnunet.bench.aggregate import StreamingAsymPrototype, _random_update
+from fednnunet.aggregation import ModelSpec
+
+KEYS = {"aggregate_s", "copy_s", "ratio", "peak_mb", "update_mb", "mode", "sites", "inputs_held_mb", "server_mb"}
+
+
+def test_bench_aggregate_runs_and_returns_its_keys():
+    rows = bench_aggregate(sites=(2, 3), params=2e5, repeats=1)
+    assert [(r["mode"], r["sites"]) for r in rows] == [("ffe", 2), ("ffe", 3), ("asym", 2), ("asym", 3)]
+    for row in rows:
+        assert KEYS <= row.keys()
+        assert row["aggregate_s"] > 0 and row["copy_s"] > 0 and math.isfinite(row["ratio"])
+        assert row["update_mb"] == pytest.approx(row["params"] * 4 / 1e6)
+        # the aggregator allocates at least its result (one update) and its float64 sums
+        assert row["peak_mb"] >= row["update_mb"]
+    asym = [r for r in rows if r["mode"] == "asym"]
+    assert all(r["variant_sites"] >= 1 and 0 < r["min_fraction_averaged"] < 1 for r in asym)
+    table = format_aggregate_table(rows)
+    assert len(table.splitlines()) == len(rows) + 1 and "ratio" in table
+
+
+def test_bench_aggregate_streaming_asym_and_bad_arguments():
+    rows = bench_aggregate(sites=(2,), params=1e5, repeats=1, modes=("asym_stream",))
+    assert rows[0]["inputs_held_mb"] == pytest.approx(rows[0]["update_mb"])
+    with pytest.raises(ValueError):
+        bench_aggregate(sites=(2,), params=1e5, modes=("nope",))
+    with pytest.raises(ValueError):
+        bench_aggregate(sites=(0,), params=1e5)
+
+
+def test_model_shapes_look_like_nnunet():
+    shapes = model_shapes(30e6)
+    assert len(shapes) == 108
+    assert sum(math.prod(s) for s in shapes.values()) == pytest.approx(30e6, rel=0.01)
+    variant = model_shapes(30e6, variant=True)
+    assert variant.keys() == shapes.keys()
+    assert 0 < sum(shapes[n] != variant[n] for n in shapes) < 12
+
+
+def test_streaming_asym_prototype_matches_asym_fedavg():
+    """The prototype of the streaming API (bench only) gives asym_fedavg's averages."""
+    a = _random_update(model_shapes(2e4), seed=1)
+    b = _random_update(model_shapes(2e4, variant=True), seed=2)
+    updates = {"s0": a, "s1": {n: v + 1 for n, v in a.items()}, "s2": b}
+    weights = {"s0": 1.0, "s1": 3.0, "s2": 2.0}
+    for scope in ("all", "any"):
+        expected, _ = asym_fedavg(updates, weights, scope)
+        proto = StreamingAsymPrototype({s: ModelSpec.of(u) for s, u in updates.items()}, scope)
+        for s, u in updates.items():
+            proto.add(s, u, weights[s])
+        got = proto.result()
+        for s in updates:
+            for name, arr in got[s].items():
+                np.testing.assert_array_equal(arr, expected[s][name])
+            local = set(updates[s]) - set(got[s])
+            assert all(expected[s][n] is updates[s][n] for n in local)
+    full = fedavg([updates["s0"], updates["s1"]], [1.0, 3.0])
+    proto = StreamingAsymPrototype({"s0": ModelSpec.of(a), "s1": ModelSpec.of(a)})
+    proto.add("s0", updates["s0"], 1.0)
+    proto.add("s1", updates["s1"], 3.0)
+    assert all(np.array_equal(full[n], proto.result()["s0"][n]) for n in full)
+
+
+def test_bench_planning_refuses_a_used_folder(tmp_path):
+    (tmp_path / "something").write_text("x")
+    with pytest.raises(FileExistsError):
+        bench_planning(sites=2, work=tmp_path)
