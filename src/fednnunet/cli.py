@@ -54,17 +54,44 @@ def _job_from_args(args: argparse.Namespace, sites: list[str], out_dir: Path):
         if len(targets) != len(sites):
             raise SystemExit(f"error: -gpu_memory_target needs 1 or {len(sites)} values, got {len(targets)}")
         gpu = dict(zip(sites, targets))
+    train: dict = {}
+    configurations = list(getattr(args, "c", None) or [])
+    if args.task == "train":
+        train = _train_options(args).asdict()
+        configurations = [args.configuration]
     return JobSpec(task=args.task, num_sites=len(sites), out_dir=str(out_dir), asym=getattr(args, "asym", False),
-                   configurations=list(getattr(args, "c", None) or []), planner=getattr(args, "pl", "ExperimentPlanner"),
-                   gpu_memory_target_gb=gpu, num_processes=args.np,
-                   check_cases=not getattr(args, "no_check", False))
+                   configurations=configurations, planner=getattr(args, "pl", "ExperimentPlanner"),
+                   gpu_memory_target_gb=gpu, num_processes=getattr(args, "np", 1),
+                   check_cases=not getattr(args, "no_check", False), train=train)
+
+
+def _train_options(args: argparse.Namespace):
+    """Map `fednnunet run train` flags onto TrainOptions (the one schema of JobSpec.train)."""
+    from fednnunet.federation.training import TrainOptions
+
+    if args.val and args.continue_training:
+        raise SystemExit("error: --val and --c cannot be combined (as for nnUNetv2_train)")
+    if (args.resume or args.continue_training) and not args.out:
+        raise SystemExit("error: --resume/--c needs --out, the output folder of the run to continue")
+    try:
+        return TrainOptions(
+            configuration=args.configuration, folds=_split_ids(args.fold), trainer=args.tr, plans=args.p,
+            device=args.device, npz=args.npz, continue_training=args.continue_training,
+            pretrained_weights=str(Path(args.pretrained_weights).resolve()) if args.pretrained_weights else None,
+            validation_only=args.val, val_best=args.val_best, disable_checkpointing=args.disable_checkpointing,
+            skip_validation=args.skip_val, rounds=args.rounds, iterations_per_round=args.iterations_per_round,
+            val_iterations=args.val_iterations, epochs_per_round=args.epochs_per_round, weighting=args.weighting,
+            min_sites=args.min_sites, round_timeout_s=args.round_timeout, resume=args.resume,
+            asym_scope=args.asym_scope, da_workers=args.da_workers)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fednnunet.launch import FederationError, LocalFederation, Site
 
     _require_env()
-    sites = _split_ids(args.datasets)
+    sites = _split_ids([args.datasets] if isinstance(args.datasets, str) else args.datasets)
     if len(set(sites)) != len(sites):
         raise SystemExit(f"error: a dataset is listed twice: {' '.join(sites)}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -73,6 +100,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.time()
     print(f"federation of {len(sites)} site(s): {', '.join(sites)}; task {args.task}; output {out_dir}", flush=True)
     site_env = {"nnUNet_n_proc_DA": str(args.da_workers)} if args.da_workers is not None else {}
+    if args.task == "train" and "OMP_NUM_THREADS" not in os.environ:
+        # All sites share this machine: torch's default (one thread per core in every site) oversubscribes the
+        # cores; on 2 shared CPU cores a tiny 2D epoch took ~25 s instead of ~2.5 s.
+        site_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(sites)))
     try:
         with LocalFederation(out_dir / "federation", [Site(s, s) for s in sites], site_env=site_env,
                              on_event=_printer(started)) as fed:
@@ -84,10 +115,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("interrupted: all federation processes were stopped", file=sys.stderr)
         return 130
     for site, info in result.get("sites", {}).items():
+        if args.task == "train":
+            print(f"site {site}: model in {info.get('output_folder')}")
+            continue
         files = ", ".join(f"{k}={v}" for k, v in info.items() if k.endswith("_file"))
         print(f"site {site} ({info.get('dataset_name')}): {files}")
-    print(f"done in {time.time() - started:.1f} s ({result.get('round_trips', '?')} round trips); "
-          f"summary in {out_dir / 'result.json'}")
+    if result.get("global_model"):
+        print(f"global model (FFE): {result['global_model']}")
+    if args.task == "train":
+        timing = (f"{result.get('rounds', 0)} round(s), mean {result['mean_round_seconds']:.1f} s per round, "
+                  f"overhead {result['mean_overhead_seconds']:.1f} s" if "mean_round_seconds" in result
+                  else "no training rounds")
+    else:
+        timing = f"{result.get('round_trips', '?')} round trips"
+    print(f"done in {time.time() - started:.1f} s ({timing}); summary in {out_dir / 'result.json'}")
     return 0
 
 
@@ -116,7 +157,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for i in ids:
         for d in sorted(pre.glob(f"Dataset{i}_*")):
             print(f"  {d / 'dataset_fingerprint.json'}\n  {d / 'nnUNetPlans.json'}")
-    return 0
+    if args.rounds < 1:
+        return 0
+    train = build_parser().parse_args([
+        "run", "train", " ".join(ids), "2d", "0", "--rounds", str(args.rounds), "--iterations-per-round",
+        str(args.iterations), "--val-iterations", "2", "--da-workers", "0", "--out", str(workdir / "runs" / "train")])
+    code = cmd_run(train)
+    if code == 0:
+        print("federated models (ordinary nnU-Net results folders; try nnUNetv2_predict -d <id> -c 2d -f 0):")
+        for i in ids:
+            for d in sorted(Path(os.environ["nnUNet_results"]).glob(f"Dataset{i}_*/nnUNetTrainer__nnUNetPlans__2d")):
+                print(f"  {d}")
+        print(f"metrics and progress plot: {workdir / 'runs' / 'train'}")
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo_run")
     p.add_argument("--first-id", type=int, default=901)
     p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="federated training rounds after planning (0: plan only)")
+    p.add_argument("--iterations", type=int, default=10, help="training iterations per round")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="one-machine federation: a SuperLink and one SuperNode + site worker per dataset")
@@ -158,7 +213,42 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("-gpu_memory_target", type=float, nargs="+",
                            help="GB per site (one value for all); FFE plans for the smallest")
         t.set_defaults(func=cmd_run)
+    _add_train_parser(run_sub)
     return parser
+
+
+def _add_train_parser(run_sub) -> None:
+    t = run_sub.add_parser("train", help="federated nnU-Net training (FedAvg on FFE plans, or --asym AsymFedAvg)")
+    t.add_argument("datasets", help='dataset ids, one per site, e.g. "901 902 903"')
+    t.add_argument("configuration", help="nnU-Net configuration, e.g. 2d, 3d_fullres")
+    t.add_argument("fold", nargs="+", help="0-4 or all; several (\"0 1 2 3 4\") run one after another")
+    t.add_argument("--asym", action="store_true", help="AsymFedAvg (after plan_and_preprocess --asym)")
+    t.add_argument("--asym-scope", choices=("all", "any"), default="all",
+                   help="average a layer only if all sites share it (paper) or among every subset sharing it")
+    t.add_argument("-tr", default="nnUNetTrainer", help="nnU-Net trainer class")
+    t.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    t.add_argument("-device", default="cpu", choices=("cpu", "cuda", "mps"), help="device at every site")
+    t.add_argument("--npz", action="store_true", help="save softmax of the final validation (nnU-Net's --npz)")
+    t.add_argument("--c", dest="continue_training", action="store_true",
+                   help="continue a run (same as --resume in a federation)")
+    t.add_argument("-pretrained_weights", default=None, help="nnU-Net checkpoint to start from (path at every site)")
+    t.add_argument("--val", action="store_true", help="only run the final validation of the existing models")
+    t.add_argument("--val_best", action="store_true", help="validate with checkpoint_best.pth")
+    t.add_argument("--disable_checkpointing", action="store_true")
+    t.add_argument("--skip-val", action="store_true", help="no final validation (quick CPU runs)")
+    t.add_argument("--rounds", type=int, default=None, help="default: the trainer's num_epochs / epochs per round")
+    t.add_argument("--iterations-per-round", type=int, default=None,
+                   help="training iterations per epoch (default: the trainer's, 250)")
+    t.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch (default 50)")
+    t.add_argument("--epochs-per-round", type=int, default=1)
+    t.add_argument("--weighting", choices=("cases", "uniform"), default="cases",
+                   help="FedAvg weights: training cases per site (default) or the paper's plain mean")
+    t.add_argument("--min-sites", type=int, default=None, help="fewest sites a round may have (default: all)")
+    t.add_argument("--round-timeout", type=float, default=None, help="seconds before a site is left out of a round")
+    t.add_argument("--resume", action="store_true", help="continue from the last completed round in --out")
+    t.add_argument("--out", help="server output folder (default: $nnUNet_results/FednnUNet/train-<time>)")
+    t.add_argument("--da-workers", type=int, default=None, help="nnUNet_n_proc_DA for every site")
+    t.set_defaults(func=cmd_run)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

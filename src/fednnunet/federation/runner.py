@@ -44,14 +44,26 @@ def run_job(job: JobSpec, caller: SiteCaller, events: EventLog) -> dict[str, Any
 
             result = run_training_task(job, caller, events)
     except Exception as err:
+        _release_sites(caller)
         events.emit("error", f"{job.task} failed: {err}")
         write_json_atomic(out / RESULT_FILE, {"ok": False, "task": job.task, "error": str(err),
                                               "seconds": time.time() - started})
         raise
+    _release_sites(caller)
     result = {"ok": True, "task": job.task, "seconds": time.time() - started, **result}
     write_json_atomic(out / RESULT_FILE, result)
     events.emit("done", f"{job.task} finished in {result['seconds']:.1f} s")
     return result
+
+
+def _release_sites(caller: SiteCaller) -> None:
+    """Tell the sites the job is over (sites started for one job exit); best effort, never fails the job."""
+    if not caller.sites:
+        return
+    try:
+        caller.broadcast("job_done", {})
+    except Exception as err:  # a site that is gone need not be told
+        logger.warning("could not tell every site that the job ended: %s", err)
 
 
 def read_result(out_dir: Path) -> dict[str, Any] | None:

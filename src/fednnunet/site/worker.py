@@ -12,13 +12,17 @@ import argparse
 import logging
 import os
 import socketserver
+import threading
 import time
 import traceback
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from fednnunet.site import ipc
+
+if TYPE_CHECKING:  # pragma: no cover - the session imports torch/nnU-Net, which the worker loads lazily
+    from fednnunet.site.training_session import TrainingSession
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +37,10 @@ class SiteError(RuntimeError):
 class SiteWorker:
     """State and operations of one site; each ``op_*`` method answers one message type."""
 
-    def __init__(self, site: str, dataset: str) -> None:
+    def __init__(self, site: str, dataset: str, exit_after_job: bool = False) -> None:
         self.site = site
+        self.exit_after_job = exit_after_job
+        self.exit_requested = False
         self.dataset = dataset
         self.dataset_name: str | None = None
         self.samples = None  # LocalSamples of the running fingerprint extraction
@@ -58,6 +64,11 @@ class SiteWorker:
         result.setdefault("site", self.site)
         result["seconds"] = time.perf_counter() - started
         return {"ok": True, "result": result}, out
+
+    def op_job_done(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        """The server's job ended; a site started for one job (`fednnunet client`) exits after replying."""
+        self.exit_requested = self.exit_after_job
+        return {"exiting": self.exit_requested}, {}
 
     # --- fingerprint ----------------------------------------------------------------------------------------
     def op_describe(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
@@ -116,6 +127,37 @@ class SiteWorker:
             global_num_cases=plan.get("global_num_cases"), preprocess=True)
         return {"plans": plans, "plans_file": str(preprocessed_folder(name) / f"{plans['plans_name']}.json")}, {}
 
+    # --- training (state in fednnunet.site.training_session) ------------------------------------------------
+    def op_train_init(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        """Build this site's trainer for a run (replacing any earlier one) and reply its initial weights."""
+        from fednnunet.site.training_session import TrainingSession
+
+        if self.training is not None:
+            self.training.close()
+            self.training = None
+        self.training = TrainingSession(self.site, self.dataset, config)
+        return self.training.describe()
+
+    def op_train_round(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        return self._session().round(config, arrays)
+
+    def op_train_finish(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        session = self._session()
+        self.training = None  # finished either way: a failed finish must not be retried on a half-closed trainer
+        return session.finish(config, arrays), {}
+
+    def op_train_validate(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        """``--val``: validate this site's existing final checkpoint only."""
+        from fednnunet.site.training_session import validate_only
+
+        return validate_only(self.dataset, config), {}
+
+    def _session(self) -> "TrainingSession":
+        if self.training is None:
+            raise SiteError(f"site {self.site}: no training session (train_init was not called, or the site "
+                            "worker restarted since)")
+        return self.training
+
     def _dataset_name(self) -> str:
         if self.dataset_name is None:
             from fednnunet.fingerprint.integrity import describe_site
@@ -134,9 +176,11 @@ class _Handler(socketserver.BaseRequestHandler):
             return
         reply, out = worker.handle(body, arrays)
         ipc.send_frame(self.request, reply, out)
+        if worker.exit_requested:
+            threading.Thread(target=self.server.shutdown, daemon=True).start()
 
 
-def serve(socket_path: str, site: str, dataset: str) -> None:
+def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = False) -> None:
     """Serve requests on ``socket_path`` until terminated."""
     if os.path.exists(socket_path):
         os.unlink(socket_path)
@@ -145,7 +189,7 @@ def serve(socket_path: str, site: str, dataset: str) -> None:
         server = socketserver.UnixStreamServer(socket_path, _Handler)
     finally:
         os.umask(old)
-    server.worker = SiteWorker(site, dataset)  # type: ignore[attr-defined]
+    server.worker = SiteWorker(site, dataset, exit_after_job)  # type: ignore[attr-defined]
     logger.info("site %s (dataset %s) listening on %s", site, dataset, socket_path)
     try:
         server.serve_forever(poll_interval=0.2)
@@ -161,9 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--site", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--exit-after-job", action="store_true", help="exit when the server's job ends")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.socket, args.site, args.dataset)
+    serve(args.socket, args.site, args.dataset, args.exit_after_job)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,486 @@
+"""Federated nnU-Net training, server side: FedAvg on FFE plans, or AsymFedAvg on per-site plans.
+
+One round = ``epochs_per_round`` nnU-Net epochs at every site (the paper: one epoch), then aggregation:
+
+* FFE (all sites planned from the merged fingerprint, identical networks): every site starts from the first
+  site's initial weights, and every round all sites receive the same weighted FedAvg model.
+* AsymFedAvg (``--asym``, after ``plan_and_preprocess --asym``): every site keeps its own architecture; each
+  round layers that are compatible (same name and shape) are averaged (``asym_fedavg``, scope ``all``/``any``)
+  and every site gets back its own model.
+
+Why the loop lives here and not in a Flower Strategy: AsymFedAvg sends different content to each site, sites
+may be left out of a round (errors, ``--round-timeout``) while the run goes on (``--min-sites``), and the
+server state must be saved atomically after every round so that ``--resume`` can continue. The trainers
+themselves live in the site workers (``fednnunet.site.training_session``), built once per run.
+
+Outputs in the job's out dir (per fold in ``fold_X/`` when several folds run): ``metrics.jsonl`` (one JSON line
+per round), ``progress.png``, ``state/`` (``state.json`` + ``round_NNNN.npz``), and in FFE mode the global model in
+nnU-Net's layout under ``global/<trainer>__<plans>__<configuration>/fold_X/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from fednnunet.aggregation import (ModelSpec, StreamingAverager, UpdateRejected, asym_fedavg, validate_metrics,
+                                   validate_update)
+from fednnunet.federation.events import EventLog
+from fednnunet.federation.job import JobSpec
+from fednnunet.planning.site_planning import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+__all__ = ["TrainOptions", "run_training_task", "load_state", "save_state"]
+
+STATE_DIR = "state"
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "progress.png"
+_SEP = "::"  # site and parameter name in the keys of an AsymFedAvg state file
+
+# Options that only the server uses; everything else is sent to the sites as their trainer configuration.
+_SERVER_ONLY = ("folds", "weighting", "min_sites", "round_timeout_s", "init_timeout_s", "finish_timeout_s",
+                "resume", "asym_scope", "skip_validation", "validation_only")
+
+
+@dataclass
+class TrainOptions:
+    """The training options of a job (``JobSpec.train``); nnU-Net flags mean what they mean for nnUNetv2_train."""
+
+    configuration: str = "2d"
+    folds: list[str] = field(default_factory=lambda: ["0"])
+    trainer: str = "nnUNetTrainer"
+    plans: str = "nnUNetPlans"
+    device: str = "cpu"
+    npz: bool = False
+    continue_training: bool = False  # --c: in a federation the same as --resume
+    pretrained_weights: str | None = None
+    validation_only: bool = False  # --val
+    val_best: bool = False
+    disable_checkpointing: bool = False
+    skip_validation: bool = False  # no final validation (not an nnU-Net flag; for quick CPU runs)
+    rounds: int | None = None  # default: the trainer's num_epochs / epochs_per_round
+    iterations_per_round: int | None = None
+    val_iterations: int | None = None
+    epochs_per_round: int = 1
+    weighting: str = "cases"
+    min_sites: int | None = None  # default: all sites
+    round_timeout_s: float | None = None
+    init_timeout_s: float = 3600.0
+    finish_timeout_s: float = 4 * 3600.0
+    resume: bool = False
+    asym_scope: str = "all"
+    da_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        self.folds = [str(f) for f in self.folds]
+        for f in self.folds:
+            if f != "all" and not f.isdigit():
+                raise ValueError(f"fold must be an integer or 'all', got {f!r}")
+        if not self.folds:
+            raise ValueError("at least one fold is needed")
+        if self.weighting not in ("cases", "uniform"):
+            raise ValueError(f"weighting must be 'cases' or 'uniform', got {self.weighting!r}")
+        if self.asym_scope not in ("all", "any"):
+            raise ValueError(f"asym_scope must be 'all' or 'any', got {self.asym_scope!r}")
+        for name in ("rounds", "iterations_per_round", "val_iterations", "epochs_per_round", "min_sites"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.round_timeout_s is not None and self.round_timeout_s <= 0:
+            raise ValueError("round_timeout_s must be positive")
+        if self.validation_only and (self.continue_training or self.resume):
+            raise ValueError("--val only validates an existing model; it cannot be combined with --c/--resume")
+        if self.pretrained_weights and (self.continue_training or self.resume):
+            raise ValueError("pretrained weights only apply at the start of a training, not with --c/--resume")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**dict(data))
+
+    def asdict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def site_config(self, fold: str, continue_training: bool) -> dict[str, Any]:
+        """What a site needs to build its trainer (see ``TrainingSession``)."""
+        cfg = {k: v for k, v in self.asdict().items() if k not in _SERVER_ONLY}
+        cfg.update(fold=fold, continue_training=continue_training)
+        if continue_training:
+            cfg["pretrained_weights"] = None
+        return cfg
+
+
+# --- server state ----------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder and ``os.replace``: a crash never leaves a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_state(out: Path, round_: int, models: Mapping[str, Arrays], asym: bool,
+               history: list[dict[str, Any]], extra: Mapping[str, Any]) -> Path:
+    """Save the weights after ``round_`` and the metric history; the previous weights file is removed after.
+
+    FFE keeps one model under the key ``global``; AsymFedAvg one per site. The weights go to
+    ``round_NNNN.npz`` (plain arrays, loaded with ``allow_pickle=False``), then ``state.json`` names it: the
+    JSON is replaced last, so it always points at a complete weights file.
+    """
+    state_dir = out / STATE_DIR
+    flat = {(f"{site}{_SEP}{name}" if asym else name): arr
+            for site, model in models.items() for name, arr in model.items()}
+    npz = state_dir / f"round_{round_:04d}.npz"
+    _atomic_write(npz, lambda f: np.savez(f, **flat))
+    previous = load_state(out)
+    state = {"round": round_, "weights_file": npz.name, "asym": asym, "sites": sorted(models) if asym else None,
+             "history": history, **extra}
+    write_json_atomic(state_dir / STATE_FILE, state)
+    if previous and previous.get("weights_file") not in (None, npz.name):
+        (state_dir / previous["weights_file"]).unlink(missing_ok=True)
+    return npz
+
+
+def load_state(out: Path) -> dict[str, Any] | None:
+    path = out / STATE_DIR / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_models(out: Path, state: Mapping[str, Any]) -> dict[str, Arrays]:
+    """The models saved with ``state``: ``{"global": ...}`` (FFE) or ``{site: ...}`` (AsymFedAvg)."""
+    models: dict[str, Arrays] = {}
+    with np.load(out / STATE_DIR / state["weights_file"], allow_pickle=False) as data:
+        for key in data.files:
+            if state.get("asym"):
+                site, name = key.split(_SEP, 1)
+            else:
+                site, name = "global", key
+            models.setdefault(site, {})[name] = data[key]
+    return models
+
+
+# --- reporting ---------------------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "nan" if value is None or (isinstance(value, float) and not math.isfinite(value)) \
+        else f"{value:.{digits}f}"
+
+
+def round_line(record: Mapping[str, Any]) -> str:
+    """The one line per round a person watches: per-site loss / pseudo-Dice / epoch seconds, wall and overhead."""
+    parts = [f"round {record['round']}/{record['rounds']}"]
+    for site, m in record["sites"].items():
+        parts.append(f"{site}: loss {_fmt(m.get('train_loss'))}/{_fmt(m.get('val_loss'))} "
+                     f"dice {_fmt(m.get('mean_fg_dice'))} {m.get('epoch_seconds', 0):.1f}s")
+    for site in record.get("left_out", {}):
+        parts.append(f"{site}: left out")
+    parts.append(f"wall {record['wall_seconds']:.1f}s overhead {record['overhead_seconds']:.1f}s")
+    return " | ".join(parts)
+
+
+def draw_progress(history: list[dict[str, Any]], path: Path) -> None:
+    """Per-site train (solid) / validation (dashed) loss and mean pseudo-Dice against the round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = sorted({s for rec in history for s in rec["sites"]})
+    fig, (ax_loss, ax_dice) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for i, site in enumerate(sites):
+        color = f"C{i % 10}"
+        rows = [(rec["round"], rec["sites"][site]) for rec in history if site in rec["sites"]]
+        rounds = [r for r, _ in rows]
+        nan = float("nan")
+        ax_loss.plot(rounds, [m.get("train_loss") or nan for _, m in rows], "-", color=color, label=f"{site} train")
+        ax_loss.plot(rounds, [m.get("val_loss") or nan for _, m in rows], "--", color=color, label=f"{site} val")
+        ax_dice.plot(rounds, [m.get("mean_fg_dice") or nan for _, m in rows], "-o", color=color, ms=3, label=site)
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize=7, ncol=2)
+    ax_dice.set_ylabel("mean pseudo-Dice")
+    ax_dice.set_xlabel("round")
+    ax_dice.legend(fontsize=7)
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)
+
+
+# --- global model in nnU-Net's layout --------------------------------------------------------------------------
+def write_global_model(root: Path, info: Mapping[str, Any], options: TrainOptions, fold: str,
+                       weights: Arrays, epochs: int) -> Path:
+    """Write the global FFE model as ``<root>/global/<trainer>__<plans>__<config>/fold_X/checkpoint_final.pth``.
+
+    The checkpoint has what nnU-Net's predictor reads (trainer name, configuration, mirroring axes and the full
+    ``state_dict`` including nnU-Net's alias keys, rebuilt from the site's alias map so each tensor is stored
+    once), with plans.json, dataset.json and dataset_fingerprint.json (from one site) beside the fold folder.
+    """
+    import torch
+
+    model_dir = root / "global" / f"{info['trainer_name']}__{options.plans}__{info['configuration']}"
+    fold_dir = model_dir / f"fold_{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    for name, key in (("plans.json", "plans"), ("dataset.json", "dataset_json"),
+                      ("dataset_fingerprint.json", "dataset_fingerprint")):
+        if info.get(key) is not None:
+            write_json_atomic(model_dir / name, info[key])
+    tensors = {name: torch.from_numpy(np.array(arr, copy=True)) for name, arr in weights.items()}
+    network_weights = OrderedDict((key, tensors[canon]) for key, canon in info["state_keys"].items())
+    axes = info.get("inference_allowed_mirroring_axes")
+    checkpoint = {
+        "network_weights": network_weights,
+        "optimizer_state": None,
+        "grad_scaler_state": None,
+        "logging": None,
+        "_best_ema": None,
+        "current_epoch": epochs,
+        "init_args": {"plans": info.get("plans"), "configuration": info["configuration"],
+                      "fold": info.get("fold", fold), "dataset_json": info.get("dataset_json"), "device": "cpu"},
+        "trainer_name": info["trainer_name"],
+        "inference_allowed_mirroring_axes": None if axes is None else tuple(axes),
+    }
+    _atomic_write(fold_dir / "checkpoint_final.pth", lambda f: torch.save(checkpoint, f))
+    return fold_dir
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+def _specs_differ(a: ModelSpec, b: ModelSpec) -> str | None:
+    for name in list(a.params) + [n for n in b.params if n not in a.params]:
+        if a.params.get(name) != b.params.get(name):
+            return f"{name}: {a.params.get(name)} vs {b.params.get(name)}"
+    return None
+
+
+def _metrics_ok(metrics: Any) -> None:
+    validate_metrics(metrics if isinstance(metrics, Mapping) else {},
+                     {"train_loss": float, "epoch_seconds": float, "num_training_cases": int})
+
+
+class _FoldRun:
+    """One fold's federated training (state kept on the object so the steps stay small)."""
+
+    def __init__(self, job: JobSpec, options: TrainOptions, fold: str, caller: Any, events: EventLog,
+                 out: Path, root: Path) -> None:
+        self.job, self.opts, self.fold, self.caller, self.events = job, options, fold, caller, events
+        self.out, self.root = out, root
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _init_sites(self, sites: list[str], continue_training: bool) -> tuple[dict, dict, dict]:
+        cfg = self.opts.site_config(self.fold, continue_training)
+        replies, errors = self.caller.try_call("train_init", {s: cfg for s in sites},
+                                               timeout_s=self.opts.init_timeout_s)
+        infos = {s: r for s, (r, _) in replies.items()}
+        weights = {s: w for s, (_, w) in replies.items()}
+        return infos, weights, errors
+
+    def run(self, sites: list[str]) -> dict[str, Any]:
+        opts, events, asym = self.opts, self.events, self.job.asym
+        state = load_state(self.out) if (opts.resume or opts.continue_training) else None
+        if (opts.resume or opts.continue_training) and state is None:
+            events.info(f"fold {self.fold}: no saved server state in {self.out / STATE_DIR}: starting at round 1")
+        if state is not None and bool(state.get("asym")) != asym:
+            raise ValueError("the saved state is from a run with" + ("out" if asym else "") + " --asym")
+
+        started = time.perf_counter()
+        infos, init_weights, errors = self._init_sites(sites, continue_training=state is not None)
+        if errors:
+            raise RuntimeError("train_init failed at " + "; ".join(f"{s}: {e}" for s, e in errors.items()))
+        events.emit("train_init", f"fold {self.fold}: {len(sites)} site trainer(s) built in "
+                    f"{time.perf_counter() - started:.1f} s (" + ", ".join(
+                        f"{s}: {infos[s]['num_training_cases']} cases, epoch {infos[s]['current_epoch']}"
+                        for s in sites) + ")")
+        specs = {s: ModelSpec.of(init_weights[s]) for s in sites}
+        first = sites[0]
+        if not asym:
+            for s in sites[1:]:
+                diff = _specs_differ(specs[first], specs[s])
+                if diff:
+                    raise ValueError(f"sites {first} and {s} have different networks ({diff}); FedAvg needs "
+                                     "identical plans: plan with FFE, or train with --asym")
+        epochs_per_round = opts.epochs_per_round
+        rounds = opts.rounds or max(1, int(infos[first]["num_epochs"]) // epochs_per_round)
+        weight_of = {s: float(infos[s]["num_training_cases"]) if opts.weighting == "cases" else 1.0
+                     for s in sites}
+        min_sites = min(opts.min_sites or len(sites), len(sites))
+
+        if state is not None:
+            models = load_models(self.out, state)
+            start, history = int(state["round"]), list(state.get("history", []))
+            for key, model in models.items():
+                for s in ([key] if asym else sites):
+                    try:
+                        validate_update(model, specs[s])
+                    except UpdateRejected as err:
+                        raise ValueError(f"saved state does not fit the network of site {s}: {err}") from err
+            events.info(f"fold {self.fold}: resuming after round {start} of {rounds}")
+            # the metrics log is rebuilt from the saved history: it drops lines of a round that was not saved
+            _atomic_write(self.out / METRICS_FILE,
+                          lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
+        else:
+            models = dict(init_weights) if asym else {"global": init_weights[first]}
+            start, history = 0, []
+        del init_weights
+
+        needs_init: set[str] = set()
+        for r in range(start + 1, rounds + 1):
+            self._reinit(needs_init)
+            t0 = time.perf_counter()
+            targets = [s for s in sites if s not in needs_init]
+            payload = {s: models[s if asym else "global"] for s in targets}
+            configs = {s: {"round": r, "epoch_end": r * epochs_per_round} for s in targets}
+            replies, errors = self.caller.try_call("train_round", configs, payload, timeout_s=opts.round_timeout_s)
+            errors = {**{s: "could not rebuild its trainer" for s in needs_init}, **errors}
+            accepted: dict[str, Arrays] = {}
+            metrics: dict[str, dict[str, Any]] = {}
+            for s in sorted(replies):
+                result, update = replies[s]
+                try:
+                    validate_update(update, specs[s])
+                    _metrics_ok(result.get("metrics"))
+                except UpdateRejected as err:
+                    errors[s] = f"update rejected: {err}"
+                    continue
+                accepted[s] = update
+                metrics[s] = dict(result["metrics"])
+            for s, reason in sorted(errors.items()):
+                events.emit("left_out", f"round {r}: site {s} left out: {reason}", round=r, site=s, reason=reason)
+                if "no training session" in reason:
+                    needs_init.add(s)
+            if len(accepted) < min_sites:
+                raise RuntimeError(f"round {r}: only {len(accepted)} of {len(sites)} site(s) delivered an update, "
+                                   f"at least {min_sites} needed (--min-sites); reasons: " +
+                                   "; ".join(f"{s}: {e}" for s, e in sorted(errors.items())))
+            asym_info = self._aggregate(models, accepted, weight_of)
+            del accepted, replies
+            wall = time.perf_counter() - t0
+            slowest = max(m.get("epoch_seconds", 0.0) for m in metrics.values())
+            record = {"round": r, "rounds": rounds, "fold": self.fold, "t": time.time(), "wall_seconds": wall,
+                      "overhead_seconds": wall - slowest, "sites": metrics, "left_out": errors,
+                      "weights": {s: weight_of[s] for s in metrics}, **asym_info}
+            history.append(record)
+            save_state(self.out, r, models, asym, history, {"rounds": rounds, "fold": self.fold,
+                                                            "options": opts.asdict()})
+            with (self.out / METRICS_FILE).open("a") as f:  # after the state: a resumed run never repeats a line
+                f.write(json.dumps(record) + "\n")
+            try:
+                draw_progress(history, self.out / PLOT_FILE)
+            except Exception as err:  # a plot must never stop a training
+                logger.warning("could not draw %s: %s", self.out / PLOT_FILE, err)
+            events.emit("round", round_line(record), round=r)
+
+        return self._finish(sites, models, infos, rounds * epochs_per_round, history)
+
+    def _reinit(self, needs_init: set[str]) -> None:
+        """Rebuild the trainer of sites whose worker lost it (restarted), continuing from their own checkpoint."""
+        if not needs_init:
+            return
+        infos, _, errors = self._init_sites(sorted(needs_init), continue_training=True)
+        for s in infos:
+            self.events.info(f"site {s} rebuilt its trainer (epoch {infos[s]['current_epoch']}) and rejoins")
+            needs_init.discard(s)
+        for s, e in errors.items():
+            self.events.info(f"site {s} could not rebuild its trainer: {e}")
+
+    def _aggregate(self, models: dict[str, Arrays], accepted: Mapping[str, Arrays],
+                   weight_of: Mapping[str, float]) -> dict[str, Any]:
+        """Update ``models`` in place from the accepted updates; sites left out keep their model (asym)."""
+        if not self.job.asym:
+            averager = StreamingAverager()
+            for s, update in accepted.items():
+                averager.add(update, weight_of[s])
+            models["global"] = averager.result(dtype_like=models["global"])
+            return {}
+        if len(accepted) == 1:  # nothing to average with: the site keeps its own update
+            (s, update), = accepted.items()
+            models[s] = dict(update)
+            return {"asym_fraction_averaged": {s: 0.0}}
+        new, report = asym_fedavg(dict(accepted), {s: weight_of[s] for s in accepted}, self.opts.asym_scope)
+        models.update(new)
+        return {"asym_fraction_averaged": {s: st.fraction_averaged for s, st in report.sites.items()}}
+
+    def _finish(self, sites: list[str], models: Mapping[str, Arrays], infos: Mapping[str, Any], epochs: int,
+                history: list[dict[str, Any]]) -> dict[str, Any]:
+        opts, events = self.opts, self.events
+        cfg = {"validate": not opts.skip_validation, "val_best": opts.val_best}
+        payload = {s: models[s if self.job.asym else "global"] for s in sites}
+        events.info(f"fold {self.fold}: sending the final model to {len(sites)} site(s)"
+                    + ("" if opts.skip_validation else " (then nnU-Net's final validation)"))
+        t0 = time.perf_counter()
+        replies, errors = self.caller.try_call("train_finish", {s: cfg for s in sites}, payload,
+                                               timeout_s=opts.finish_timeout_s)
+        result: dict[str, Any] = {"rounds": history[-1]["round"] if history else 0, "sites": {}, "errors": errors}
+        for s, (res, _) in sorted(replies.items()):
+            result["sites"][s] = res
+            dice = res.get("validation_mean_dice")
+            events.info(f"site {s}: final model in {res.get('output_folder')}"
+                        + ("" if dice is None else f", validation mean Dice {dice:.4f}"))
+        for s, e in sorted(errors.items()):
+            events.emit("error", f"site {s} could not finish: {e}", site=s)
+        events.info(f"fold {self.fold}: finish took {time.perf_counter() - t0:.1f} s")
+        if not self.job.asym and not opts.disable_checkpointing:
+            fold_dir = write_global_model(self.root, infos[sites[0]], opts, self.fold, models["global"], epochs)
+            result["global_model"] = str(fold_dir)
+            events.info(f"global model: {fold_dir / 'checkpoint_final.pth'}")
+        if history:
+            result["mean_round_seconds"] = float(np.mean([h["wall_seconds"] for h in history]))
+            result["mean_overhead_seconds"] = float(np.mean([h["overhead_seconds"] for h in history]))
+        if len(replies) < min(opts.min_sites or len(sites), len(sites)):
+            raise RuntimeError("train_finish failed at " + "; ".join(f"{s}: {e}" for s, e in errors.items()))
+        return result
+
+
+def _validate_only(options: TrainOptions, fold: str, caller: Any, events: EventLog,
+                   sites: list[str]) -> dict[str, Any]:
+    cfg = options.site_config(fold, continue_training=False)
+    replies = caller.call("train_validate", {s: cfg for s in sites}, timeout_s=options.finish_timeout_s)
+    for s, (res, _) in sorted(replies.items()):
+        events.info(f"site {s}: validated {res.get('output_folder')}")
+    return {"sites": {s: res for s, (res, _) in replies.items()}}
+
+
+def run_training_task(job: JobSpec, caller: Any, events: EventLog) -> dict[str, Any]:
+    """Run ``job`` (task ``train``) fold after fold; return per-fold, per-site output folders and timings."""
+    options = TrainOptions.from_dict(job.train)
+    root = Path(job.out_dir)
+    described = caller.broadcast("describe", {"check_cases": False})
+    sites = sorted(described)
+    if len(sites) < job.num_sites:
+        raise RuntimeError(f"only {len(sites)} of {job.num_sites} sites answered")
+    events.info(f"training on {len(sites)} site(s): " + ", ".join(
+        f"{s} ({described[s][0].get('dataset_name')})" for s in sites) +
+        f"; {'AsymFedAvg (scope ' + options.asym_scope + ')' if job.asym else 'FedAvg'}, "
+        f"weighting {options.weighting}")
+    folds: dict[str, Any] = {}
+    for fold in options.folds:
+        if options.validation_only:
+            folds[fold] = _validate_only(options, fold, caller, events, sites)
+            continue
+        out = root if len(options.folds) == 1 else root / f"fold_{fold}"
+        folds[fold] = _FoldRun(job, options, fold, caller, events, out, root).run(sites)
+    result: dict[str, Any] = {"folds": folds, "traffic": {"sent": caller.traffic.sent,
+                                                          "received": caller.traffic.received}}
+    if len(folds) == 1:
+        result.update(next(iter(folds.values())))
+    return result

@@ -1,0 +1,219 @@
+"""The site side of federated training: one :class:`~fednnunet.site.trainer.SiteTrainer` per run and fold.
+
+Why a separate object (held by the site worker as ``worker.training``): the trainer (network, optimizer, data
+loaders) must outlive the per-message ClientApp processes, and the worker should stay a thin protocol layer. The
+session turns the server's three training messages into SiteTrainer calls:
+
+* ``init``: build the trainer once (``--c``/resume -> continue from this site's own checkpoint), reply with the
+  initial de-duplicated weights, the training-case count (the FedAvg weight), and what the server needs to
+  write the global model in nnU-Net's layout (plans/dataset/fingerprint JSONs, checkpoint metadata, the alias
+  keys of the full ``state_dict``);
+* ``round``: load the received weights into the live network, run ``epochs_per_round`` nnU-Net epochs, save
+  ``checkpoint_latest.pth`` (so the site can resume), reply with the weights and the epoch metrics;
+* ``finish``: load the final aggregated weights, write ``checkpoint_final.pth`` and run nnU-Net's final
+  validation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fednnunet.site.trainer import SiteTrainer, load_trainer_class
+from fednnunet.site.weights import unique_tensors, unwrap
+
+logger = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+__all__ = ["TrainingSession", "validate_only"]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def alias_map(network: Any) -> dict[str, str]:
+    """``state_dict`` key -> the de-duplicated key holding the same tensor, for every key, in order.
+
+    Why: the server only ever sees de-duplicated weights, but nnU-Net's predictor loads checkpoints with a strict
+    ``load_state_dict`` that needs the alias keys too. With this map the server can write a complete checkpoint.
+    """
+    unique = unique_tensors(network)
+    by_id = {id(t): k for k, t in unique.items()}
+    by_ptr = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): k
+              for k, t in unique.items() if t.numel() > 0}
+    out: dict[str, str] = {}
+    for key, tensor in unwrap(network).state_dict(keep_vars=True).items():
+        if not hasattr(tensor, "shape"):
+            continue
+        canon = by_id.get(id(tensor))
+        if canon is None and tensor.numel() > 0:
+            canon = by_ptr.get((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)))
+        if canon is not None:
+            out[key] = canon
+    return out
+
+
+def _clean(value: Any) -> float | None:
+    """JSON has no NaN: nnU-Net's pseudo Dice is NaN for a class absent from prediction and target."""
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+class TrainingSession:
+    """One site's part of a federated training run (one fold); see the module docstring."""
+
+    def __init__(self, site: str, dataset: str, config: Mapping[str, Any]) -> None:
+        self.site = site
+        self.config = dict(config)
+        rounds = config.get("rounds")
+        epochs_per_round = int(config.get("epochs_per_round", 1))
+        self.epochs_per_round = epochs_per_round
+        self.trainer = SiteTrainer(
+            dataset, config["configuration"], config.get("fold", 0),
+            trainer_name=config.get("trainer", "nnUNetTrainer"),
+            plans_identifier=config.get("plans", "nnUNetPlans"),
+            device=config.get("device", "cpu"),
+            pretrained_weights=config.get("pretrained_weights"),
+            continue_training=bool(config.get("continue_training")),
+            export_npz=bool(config.get("npz")),
+            disable_checkpointing=bool(config.get("disable_checkpointing")),
+            total_epochs=None if rounds is None else int(rounds) * epochs_per_round,
+            iterations_per_epoch=config.get("iterations_per_round"),
+            val_iterations=config.get("val_iterations"),
+            num_workers=config.get("da_workers"),
+        )
+
+    def describe(self) -> tuple[dict[str, Any], Arrays]:
+        """The ``init`` reply: initial weights plus what the server needs to schedule and to write checkpoints."""
+        t = self.trainer
+        nn_trainer = t.trainer
+        model_dir = t.output_folder.parent
+        axes = getattr(nn_trainer, "inference_allowed_mirroring_axes", None)
+        info = {
+            "num_training_cases": t.num_training_cases,
+            "current_epoch": t.current_epoch,
+            "num_epochs": t.num_epochs,
+            "iterations_per_epoch": int(nn_trainer.num_iterations_per_epoch),
+            "build_seconds": t.build_seconds,
+            "output_folder": str(t.output_folder),
+            "trainer_name": type(nn_trainer).__name__,
+            "configuration": nn_trainer.configuration_name,
+            "fold": nn_trainer.fold,
+            "inference_allowed_mirroring_axes": None if axes is None else [int(a) for a in axes],
+            "plans": _read_json(model_dir / "plans.json"),
+            "dataset_json": _read_json(model_dir / "dataset.json"),
+            "dataset_fingerprint": _read_json(model_dir / "dataset_fingerprint.json"),
+            "state_keys": alias_map(nn_trainer.network),
+        }
+        return info, t.get_weights()
+
+    def round(self, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], Arrays]:
+        """Load the round's weights (if any), train ``epochs_per_round`` epochs, reply weights and metrics."""
+        t = self.trainer
+        epoch_end = config.get("epoch_end")
+        if epoch_end is not None and t.current_epoch >= int(epoch_end):
+            return self._replay(int(epoch_end))
+        if arrays:
+            t.set_weights(arrays)
+        remaining = t.num_epochs - t.current_epoch
+        epochs = min(int(config.get("epochs", self.epochs_per_round)), remaining)
+        if epochs < 1:
+            raise RuntimeError(f"all {t.num_epochs} epochs are already done at this site")
+        started = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        compute = 0.0
+        for _ in range(epochs):
+            metrics = t.run_epoch()
+            compute += metrics["epoch_seconds"]
+        if not t.trainer.disable_checkpointing:
+            t.save_latest()  # lets this site resume its optimizer state and LR schedule after a crash
+        metrics["epoch_seconds"] = compute
+        metrics["site_seconds"] = time.perf_counter() - started
+        metrics["pseudo_dice"] = [_clean(d) for d in metrics["pseudo_dice"]]
+        for key in ("train_loss", "val_loss", "mean_fg_dice", "ema_fg_dice", "lr"):
+            metrics[key] = _clean(metrics[key])
+        metrics["epochs"] = epochs
+        return {"metrics": metrics}, t.get_weights()
+
+    def _replay(self, epoch_end: int) -> tuple[dict[str, Any], Arrays]:
+        """Answer a round this site already trained before a crash, without training it again.
+
+        Why: after a server crash, the site's ``checkpoint_latest.pth`` can be one round ahead of the server's
+        last saved state. The round is then re-sent with the same global model the site already trained from, so
+        the site's current weights are exactly the update it would compute; training again would run past the
+        LR schedule's end.
+        """
+        t = self.trainer
+        if t.current_epoch > epoch_end:
+            raise RuntimeError(f"this site is at epoch {t.current_epoch}, past the round's end epoch {epoch_end}: "
+                               "its checkpoints are newer than the server's state")
+        log = t.trainer.logger
+
+        def last(key: str) -> Any:
+            try:
+                return log.get_value(key, step=-1)
+            except (KeyError, IndexError):
+                return None
+
+        dice = last("dice_per_class_or_region") or []
+        metrics = {"train_loss": _clean(last("train_losses")), "val_loss": _clean(last("val_losses")),
+                   "pseudo_dice": [_clean(float(d)) for d in dice], "mean_fg_dice": _clean(last("mean_fg_dice")),
+                   "ema_fg_dice": _clean(last("ema_fg_dice")), "lr": _clean(last("lrs")),
+                   "num_training_cases": t.num_training_cases, "epoch_seconds": 0.0, "site_seconds": 0.0,
+                   "epoch": t.current_epoch, "epochs": 0, "replayed": True}
+        logger.info("round ending at epoch %d was already trained here before a restart: replaying its weights",
+                    epoch_end)
+        return {"metrics": metrics}, t.get_weights()
+
+    def finish(self, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Write the final model as ``checkpoint_final.pth`` and run nnU-Net's final validation unless disabled."""
+        validate = bool(config.get("validate", True))
+        folder = self.trainer.finish(arrays or None, validate=validate, best=bool(config.get("val_best")))
+        summary = folder / "validation" / "summary.json"
+        result: dict[str, Any] = {"output_folder": str(folder),
+                                  "checkpoint": str(folder / "checkpoint_final.pth")}
+        if validate and summary.is_file():  # without validation an old summary would describe another model
+            data = json.loads(summary.read_text())
+            result["validation_summary"] = str(summary)
+            result["validation_mean_dice"] = _clean((data.get("foreground_mean") or {}).get("Dice", float("nan")))
+        return result
+
+    def close(self) -> None:
+        self.trainer.close()
+
+
+def validate_only(dataset: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """``nnUNetv2_train --val``: final validation of this site's existing ``checkpoint_final.pth`` (no training).
+
+    Built directly from nnU-Net's ``maybe_load_checkpoint(validation_only=True)`` because a SiteTrainer would
+    start data loaders that validation does not need.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    import torch
+
+    name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)
+    base = join(nnUNet_preprocessed.get(), name)
+    plans = load_json(join(base, config.get("plans", "nnUNetPlans") + ".json"))
+    plans["continue_training"] = False  # nnU-Net 2.8's trainer pops this flag from the plans (see SiteTrainer)
+    fold = config.get("fold", 0)
+    fold = fold if fold == "all" else int(fold)
+    trainer = load_trainer_class(config.get("trainer", "nnUNetTrainer"))(
+        plans=plans, configuration=config["configuration"], fold=fold,
+        dataset_json=load_json(join(base, "dataset.json")), device=torch.device(config.get("device", "cpu")))
+    maybe_load_checkpoint(trainer, False, True, None)
+    if config.get("val_best"):
+        trainer.load_checkpoint(join(trainer.output_folder, "checkpoint_best.pth"))
+    trainer.perform_actual_validation(bool(config.get("npz")))
+    return {"output_folder": str(trainer.output_folder)}

@@ -1,0 +1,286 @@
+"""Federated training: pure pieces (options, server state) and end-to-end runs with real Flower processes.
+
+The end-to-end tests share one planned 2-site synthetic 2D federation (module fixture): FFE planning, a 2-round
+FedAvg run, nnUNetv2_predict on a site's folder, then AsymFedAvg planning and a 2-round asym run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fednnunet.federation.training import TrainOptions, load_models, load_state, round_line, save_state
+
+NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "OMP_NUM_THREADS")
+TRAIN_FLAGS = ["--rounds", "2", "--iterations-per-round", "2", "--val-iterations", "1", "--da-workers", "0"]
+
+
+# --- pure ----------------------------------------------------------------------------------------------------
+def test_train_options_round_trip_and_checks() -> None:
+    opts = TrainOptions(configuration="2d", folds=["0", "all"], rounds=3, weighting="uniform")
+    assert TrainOptions.from_dict(opts.asdict()) == opts
+    cfg = opts.site_config("all", continue_training=True)
+    assert cfg["fold"] == "all" and cfg["continue_training"] and "weighting" not in cfg
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainOptions.from_dict({"configuration": "2d", "bogus": 1})
+    with pytest.raises(ValueError):
+        TrainOptions(weighting="median")
+    with pytest.raises(ValueError):
+        TrainOptions(folds=["x"])
+    with pytest.raises(ValueError):
+        TrainOptions(validation_only=True, resume=True)
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_state_save_and_load(tmp_path: Path, asym: bool) -> None:
+    rng = np.random.default_rng(0)
+    models = ({"a": {"w": rng.normal(size=(2, 3)).astype(np.float32)}, "b": {"w": np.ones(4, np.float32)}}
+              if asym else {"global": {"enc.w": rng.normal(size=(3,)).astype(np.float32),
+                                       "n": np.array(5, np.int64)}})
+    save_state(tmp_path, 1, models, asym, [{"round": 1}], {"rounds": 4})
+    save_state(tmp_path, 2, models, asym, [{"round": 1}, {"round": 2}], {"rounds": 4})
+    state = load_state(tmp_path)
+    assert state["round"] == 2 and state["rounds"] == 4 and len(state["history"]) == 2
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["round_0002.npz", "state.json"]
+    loaded = load_models(tmp_path, state)
+    assert loaded.keys() == models.keys()
+    for key, model in models.items():
+        for name, arr in model.items():
+            np.testing.assert_array_equal(loaded[key][name], arr)
+            assert loaded[key][name].dtype == arr.dtype
+
+
+def test_round_line() -> None:
+    line = round_line({"round": 3, "rounds": 10, "wall_seconds": 5.0, "overhead_seconds": 1.5,
+                       "sites": {"901": {"train_loss": 0.5, "val_loss": 0.6, "mean_fg_dice": None,
+                                         "epoch_seconds": 3.5}}, "left_out": {"902": "timeout"}})
+    assert line.startswith("round 3/10 | 901: loss 0.500/0.600 dice nan 3.5s | 902: left out")
+    assert line.endswith("overhead 1.5s")
+
+
+# --- end to end ----------------------------------------------------------------------------------------------
+def _run_cli(argv: list[str]) -> int:
+    from fednnunet.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    """Two synthetic 2D sites, planned and preprocessed with FFE; nnU-Net variables set for launched processes."""
+    from fednnunet.data.synthetic import write_demo_federation
+
+    root = tmp_path_factory.mktemp("fedtrain")
+    saved = {v: os.environ.get(v) for v in NNUNET_VARS}
+    for var in NNUNET_VARS[:3]:
+        os.environ[var] = str(root / var)
+        (root / var).mkdir()
+    os.environ["OMP_NUM_THREADS"] = "1"  # two sites share two cores
+    try:
+        write_demo_federation(root / "nnUNet_raw", first_id=901, sites=2, dim=2, seed=0)
+        assert _run_cli(["run", "plan_and_preprocess", "901 902", "-c", "2d", "--out", str(root / "plan")]) == 0
+        yield root
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def _weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+
+
+def _site_folder(root: Path, dataset: str) -> Path:
+    (folder,) = (root / "nnUNet_results").glob(f"Dataset{dataset}_*/nnUNetTrainer__nnUNetPlans__2d")
+    return folder
+
+
+def test_ffe_training_end_to_end(federation: Path) -> None:
+    import torch
+
+    out = federation / "train_ffe"
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *TRAIN_FLAGS, "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["ok"] and result["rounds"] == 2 and sorted(result["sites"]) == ["901", "902"]
+
+    site_a = _weights(_site_folder(federation, "901") / "fold_0" / "checkpoint_final.pth")
+    site_b = _weights(_site_folder(federation, "902") / "fold_0" / "checkpoint_final.pth")
+    glob = _weights(out / "global" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth")
+    assert list(site_a) == list(site_b) == list(glob)
+    for key in site_a:
+        assert torch.equal(site_a[key], site_b[key]), key
+        assert torch.equal(site_a[key], glob[key]), key
+    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        assert (out / "global" / "nnUNetTrainer__nnUNetPlans__2d" / name).is_file()
+    assert (_site_folder(federation, "901") / "fold_0" / "validation" / "summary.json").is_file()
+
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    assert all(set(x["sites"]) == {"901", "902"} for x in lines)
+    assert load_state(out)["round"] == 2 and (out / "progress.png").stat().st_size > 0
+    # the final aggregated model is the one the server saved after the last round
+    saved = load_models(out, load_state(out))["global"]
+    for key, arr in saved.items():
+        np.testing.assert_array_equal(glob[key].numpy(), arr)
+
+
+def test_predict_on_site_folder(federation: Path, tmp_path: Path) -> None:
+    if not (_site_folder(federation, "901") / "fold_0" / "checkpoint_final.pth").is_file():
+        pytest.skip("needs the FFE training test")
+    images = next((federation / "nnUNet_raw").glob("Dataset901_*")) / "imagesTr"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    first = sorted(images.iterdir())[0]
+    shutil.copy(first, inp / first.name)
+    predict = Path(sys.executable).parent / "nnUNetv2_predict"
+    proc = subprocess.run([str(predict), "-i", str(inp), "-o", str(tmp_path / "pred"), "-d", "901", "-c", "2d",
+                           "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
+
+
+def test_resume_continues_at_the_next_round(federation: Path) -> None:
+    """--resume on a finished 2-round run with --rounds 3: sites continue from their own checkpoints, round 3 only."""
+    out = federation / "train_ffe"
+    if load_state(out) is None:
+        pytest.skip("needs the FFE training test")
+    flags = [f if f != "2" or i != 1 else "3" for i, f in enumerate(TRAIN_FLAGS)]  # --rounds 3
+    assert flags[:2] == ["--rounds", "3"]
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *flags, "--skip-val", "--resume", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3]
+    assert load_state(out)["round"] == 3
+    events = (out / "events.jsonl").read_text()
+    assert "resuming after round 2 of 3" in events and "round 1/3" not in events
+    import torch
+
+    ckpt = torch.load(_site_folder(federation, "901") / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["current_epoch"] == 3  # the site continued its own nnU-Net epoch counter
+
+
+def test_asym_training_end_to_end(federation: Path) -> None:
+    assert _run_cli(["run", "plan_and_preprocess", "901 902", "-c", "2d", "--asym",
+                     "--out", str(federation / "plan_asym")]) == 0
+    out = federation / "train_asym"
+    assert _run_cli(["run", "train", "901 902", "2d", "0", "--asym", "--skip-val", *TRAIN_FLAGS,
+                     "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["ok"] and result["rounds"] == 2 and "global_model" not in result
+    for dataset in ("901", "902"):
+        assert (_site_folder(federation, dataset) / "fold_0" / "checkpoint_final.pth").is_file()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    fractions = lines[-1]["asym_fraction_averaged"]
+    assert set(fractions) == {"901", "902"} and all(0.0 < f <= 1.0 for f in fractions.values())
+
+
+# --- the server loop against fake sites (no processes) -------------------------------------------------------------
+class _FakeCaller:
+    """Sites that answer like site workers: each 'epoch' adds the site's number to every weight."""
+
+    def __init__(self, shapes: dict[str, dict[str, tuple[int, ...]]], fail: dict[tuple[str, int], str]) -> None:
+        from fednnunet.flower.site_caller import TrafficCounter
+
+        self.shapes, self.fail, self.traffic = shapes, fail, TrafficCounter()
+        self.received: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+
+    def broadcast(self, op, config, arrays=None, timeout_s=None):
+        assert op == "describe"
+        return {s: ({"dataset_name": f"Dataset{s}"}, {}) for s in self.shapes}
+
+    def try_call(self, op, configs, arrays=None, timeout_s=None):
+        replies, errors = {}, {}
+        for site, cfg in configs.items():
+            if op == "train_init":
+                weights = {k: np.full(v, float(site), np.float32) for k, v in self.shapes[site].items()}
+                info = {"num_training_cases": int(site), "current_epoch": 0, "num_epochs": 1000,
+                        "trainer_name": "nnUNetTrainer", "configuration": "2d", "fold": 0,
+                        "inference_allowed_mirroring_axes": [0, 1], "plans": {}, "dataset_json": {},
+                        "dataset_fingerprint": {}, "state_keys": {k: k for k in weights}}
+                replies[site] = (info, weights)
+            elif op == "train_round":
+                r = cfg["round"]
+                self.received.setdefault(r, {})[site] = arrays[site]
+                if (site, r) in self.fail:
+                    errors[site] = self.fail[(site, r)]
+                    continue
+                update = {k: v + float(site) for k, v in arrays[site].items()}
+                replies[site] = ({"metrics": {"train_loss": 1.0 / r, "val_loss": 1.0, "mean_fg_dice": 0.5,
+                                              "epoch_seconds": 0.01, "num_training_cases": int(site)}}, update)
+            elif op == "train_finish":
+                replies[site] = ({"output_folder": f"/results/{site}"}, {})
+        return replies, errors
+
+
+def _job(tmp_path: Path, asym: bool, **train):
+    from fednnunet.federation.job import JobSpec
+
+    base = {"configuration": "2d", "rounds": 3, "skip_validation": True, **train}
+    return JobSpec(task="train", num_sites=2, out_dir=str(tmp_path), asym=asym, train=base)
+
+
+def test_server_loop_fedavg_weights_leave_out_and_resume(tmp_path: Path) -> None:
+    from fednnunet.federation.events import EventLog
+    from fednnunet.federation.training import run_training_task
+
+    shapes = {"1": {"w": (2,)}, "3": {"w": (2,)}}
+    caller = _FakeCaller(shapes, {("3", 2): "no reply within 5 s"})
+    events = EventLog(tmp_path / "events.jsonl")
+    result = run_training_task(_job(tmp_path, False, min_sites=1), caller, events)
+    # round 1: start from site "1"'s weights (1.0); updates 2.0 (w=1) and 4.0 (w=3) -> 3.5
+    np.testing.assert_allclose(caller.received[2]["1"]["w"], 3.5)
+    # round 2: site 3 left out -> the global is site 1's update 4.5; round 3 sends it to both
+    np.testing.assert_allclose(caller.received[3]["3"]["w"], 4.5)
+    assert "round 2: site 3 left out: no reply within 5 s" in (tmp_path / "events.jsonl").read_text()
+    assert result["rounds"] == 3 and sorted(result["sites"]) == ["1", "3"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(x["sites"]) for x in lines] == [["1", "3"], ["1"], ["1", "3"]]
+
+    # resume with more rounds: continues at round 4 from the saved global model
+    caller2 = _FakeCaller(shapes, {})
+    run_training_task(_job(tmp_path, False, rounds=4, resume=True), caller2, events)
+    assert list(caller2.received) == [4]
+    saved = load_models(tmp_path, load_state(tmp_path))["global"]["w"]
+    final3 = (1 * 5.5 + 3 * 7.5) / 4  # round 3 result: (4.5+1)*1 and (4.5+3)*3, weighted
+    np.testing.assert_allclose(caller2.received[4]["1"]["w"], final3)
+    np.testing.assert_allclose(saved, (1 * (final3 + 1) + 3 * (final3 + 3)) / 4)
+    assert (tmp_path / "global" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth").is_file()
+
+
+def test_server_loop_min_sites_and_rejected_update(tmp_path: Path) -> None:
+    from fednnunet.federation.events import EventLog
+    from fednnunet.federation.training import run_training_task
+
+    caller = _FakeCaller({"1": {"w": (2,)}, "2": {"w": (2,)}}, {("2", 1): "Flower error 1: node unavailable"})
+    with pytest.raises(RuntimeError, match="only 1 of 2 site"):
+        run_training_task(_job(tmp_path, False), caller, EventLog(tmp_path / "events.jsonl"))
+
+
+def test_server_loop_asym_keeps_incompatible_layers(tmp_path: Path) -> None:
+    from fednnunet.federation.events import EventLog
+    from fednnunet.federation.training import run_training_task
+
+    shapes = {"1": {"enc": (2,), "head": (3,)}, "3": {"enc": (2,), "head": (5,), "deep": (1,)}}
+    caller = _FakeCaller(shapes, {})
+    run_training_task(_job(tmp_path, True, rounds=2), caller, EventLog(tmp_path / "events.jsonl"))
+    got = caller.received[2]
+    np.testing.assert_allclose(got["1"]["enc"], (1 * 2 + 3 * 6) / 4)  # averaged, weighted by cases
+    np.testing.assert_allclose(got["3"]["enc"], (1 * 2 + 3 * 6) / 4)
+    np.testing.assert_allclose(got["1"]["head"], 2.0)  # shapes differ: each keeps its own
+    np.testing.assert_allclose(got["3"]["head"], 6.0)
+    np.testing.assert_allclose(got["3"]["deep"], 6.0)
+    assert not (tmp_path / "global").exists()
