@@ -1,12 +1,16 @@
-"""One-machine federation with real Flower processes: a SuperLink, and per site a site worker and a SuperNode.
+"""Starting the federation's real Flower processes: the server side, one site, or both on one machine.
 
-Everything runs on loopback ports chosen free at start. Every process gets its own session so that the whole
-tree (ServerApp and ClientApp subprocesses included) is stopped on exit, on failure and on Ctrl-C. The job is
-submitted with ``flwr run``; its outcome comes from the job's ``result.json`` and Flower's run status.
+- :class:`ServerNode`: a Flower SuperLink (TLS + SuperNode authentication, or insecure on loopback) plus the
+  submission of a job with ``flwr run`` and following it until its ``result.json`` appears.
+- :class:`SiteNode`: one site's worker process and its Flower SuperNode.
+- :class:`LocalFederation`: a ServerNode and one SiteNode per dataset on loopback (``fednnunet run``).
+Every process gets its own session so that its whole tree (ServerApp and ClientApp subprocesses included)
+is stopped on exit, on failure and on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -38,6 +42,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def _bin(name: str) -> str:
     """An executable of this environment (the venv's bin folder first, then PATH)."""
     candidate = Path(sys.executable).parent / name
@@ -60,33 +80,53 @@ class Site:
 
 
 @dataclass
+class ServerTLS:
+    """Files of ``fednnunet certs``: ca.crt, server.crt, server.key, and sites/*.pub to register."""
+
+    folder: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.crt"
+
+    def site_public_keys(self) -> list[Path]:
+        return sorted((self.folder / "sites").glob("*.pub"))
+
+    def check(self) -> None:
+        missing = [p for p in (self.ca, self.folder / "server.crt", self.folder / "server.key") if not p.exists()]
+        if missing:
+            raise FederationError(f"TLS files missing: {', '.join(map(str, missing))} (make them with "
+                                  "`fednnunet certs`)")
+
+
+@dataclass
 class _Proc:
     name: str
     popen: subprocess.Popen
     log: Path
 
 
-@dataclass
-class LocalFederation:
-    """Start with ``with LocalFederation(...) as fed: fed.run(job)``; all processes stop on exit."""
+class ProcessGroup:
+    """Processes started for one role, each logged to ``workdir/logs/<name>.log`` and stopped together."""
 
-    workdir: Path
-    sites: Sequence[Site]
-    site_env: dict[str, str] = field(default_factory=dict)
-    on_event: Callable[[dict], None] = lambda e: None
-    _procs: list[_Proc] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.workdir = Path(self.workdir).resolve()
+    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir).resolve()
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        # Unix socket paths are limited to ~100 bytes: keep them in a short temporary folder
-        self.sockets = Path(tempfile.mkdtemp(prefix="fednn-"))
-        self.port = free_port()
         self.flwr_home = self.workdir / "flwr_home"
+        self.extra_env = dict(extra_env or {})
+        self._procs: list[_Proc] = []
 
-    # --- processes ----------------------------------------------------------------------------------------
-    def _start(self, name: str, cmd: list[str], env: dict[str, str]) -> _Proc:
+    def env(self, home: str) -> dict[str, str]:
+        env = dict(os.environ)
+        # Flower's processes start helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["FLWR_HOME"] = str(self.flwr_home / home)
+        env.update(self.extra_env)
+        (self.flwr_home / home).mkdir(parents=True, exist_ok=True)
+        return env
+
+    def start_process(self, name: str, cmd: list[str], env: dict[str, str]) -> _Proc:
         log = self.logs / f"{name}.log"
         with log.open("ab") as f:
             popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -95,61 +135,82 @@ class LocalFederation:
         logger.debug("started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
         return proc
 
-    def _env(self, home: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ)
-        # Flower's processes start helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env["FLWR_HOME"] = str(self.flwr_home / home)
-        env.update(extra or {})
-        (self.flwr_home / home).mkdir(parents=True, exist_ok=True)
-        return env
+    def check_alive(self) -> None:
+        for p in self._procs:
+            code = p.popen.poll()
+            if code is not None:
+                raise FederationError(f"{p.name} exited with code {code}; last log lines:\n{tail(p.log)}")
 
-    def start(self) -> "LocalFederation":
-        self._start("superlink", [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                                  "--port", str(self.port), "--disable-runtime-dependency-installation"],
-                    self._env("superlink"))
-        for site in self.sites:
-            sock = str(self.sockets / f"{site.name}.sock")
-            env = self._env(f"site-{site.name}", self.site_env)
-            self._start(f"worker-{site.name}", [sys.executable, "-m", "fednnunet.site.worker", "--socket", sock,
-                                                "--site", site.name, "--dataset", site.dataset], env)
-            self._start(f"supernode-{site.name}", [
-                _bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(free_port()), "--node-config", f'site-socket="{sock}"'], env)
+    def stop(self) -> None:
+        for p in reversed(self._procs):
+            terminate(p.popen)
+        self._procs.clear()
+
+
+class ServerNode(ProcessGroup):
+    """The coordinating server: a SuperLink, and jobs submitted to it with ``flwr run``."""
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None,
+                 tls: ServerTLS | None = None, on_event: Callable[[dict], None] = lambda e: None) -> None:
+        super().__init__(workdir)
+        if tls is None and not is_loopback(host):
+            raise FederationError(f"refusing to serve {host} without TLS: pass --tls-dir (or --insecure to "
+                                  "accept unencrypted, unauthenticated connections)")
+        self.host = host
+        self.port = port or free_port()
+        self.tls = tls
+        self.on_event = on_event
+
+    @property
+    def connect_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+
+    def start(self) -> "ServerNode":
+        cmd = [_bin("flower-superlink"), "--host", self.host, "--port", str(self.port),
+               "--disable-runtime-dependency-installation"]
+        if self.tls is None:
+            cmd.append("--insecure")
+        else:
+            self.tls.check()
+            cmd += ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.folder / "server.crt"),
+                    "--ssl-keyfile", str(self.tls.folder / "server.key"), "--enable-supernode-auth"]
+        self.start_process("superlink", cmd, self.env("superlink"))
         self._write_cli_config()
-        self._wait_ready()
+        deadline = time.monotonic() + 60
+        while not _port_open(self.connect_host, self.port):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise FederationError(f"SuperLink not listening on {self.host}:{self.port} after 60 s")
+            time.sleep(0.2)
+        if self.tls is not None:
+            self.register_sites(self.tls.site_public_keys())
         return self
 
     def _write_cli_config(self) -> None:
         home = self.flwr_home / "cli"
         home.mkdir(parents=True, exist_ok=True)
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\n'
-            "insecure = true\n")
+        security = ("insecure = true\n" if self.tls is None
+                    else f'root-certificates = "{self.tls.ca}"\n')  # type: ignore[union-attr]
+        # With TLS the certificate's subject names must include this host (`fednnunet certs --hosts`).
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "server"\n\n[superlink.server]\n'
+                                          f'address = "{self.connect_host}:{self.port}"\n{security}')
 
-    def _wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        socks = [self.sockets / f"{s.name}.sock" for s in self.sites]
-        while time.monotonic() < deadline:
-            self._check_alive()
-            if all(s.exists() for s in socks) and _port_open(self.port):
-                return
-            time.sleep(0.2)
-        raise FederationError(f"federation processes not ready within {timeout_s:.0f} s; logs in {self.logs}")
+    def register_sites(self, public_keys: Sequence[Path]) -> None:
+        """Register site keys (Flower SuperNode authentication): only these sites can join."""
+        if not public_keys:
+            raise FederationError(f"no site public keys in {self.tls.folder / 'sites'}; "  # type: ignore[union-attr]
+                                  "nothing could join")
+        for key in public_keys:
+            res = self.flwr("supernode", "register", str(key), "server")
+            if res.returncode != 0:
+                raise FederationError(f"registering {key.name} failed: {res.stdout}{res.stderr}")
+            logger.info("registered site key %s", key.name)
 
-    def _check_alive(self) -> None:
-        for p in self._procs:
-            code = p.popen.poll()
-            if code is not None:
-                raise FederationError(f"{p.name} exited with code {code}; last log lines:\n{_tail(p.log)}")
+    def flwr(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([_bin("flwr"), *args], env=self.env("cli"), capture_output=True, text=True,
+                              timeout=120)
 
-    def stop(self) -> None:
-        for p in reversed(self._procs):
-            _terminate(p.popen)
-        self._procs.clear()
-        shutil.rmtree(self.sockets, ignore_errors=True)
-
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self) -> "ServerNode":
         try:
             return self.start()
         except BaseException:
@@ -159,12 +220,8 @@ class LocalFederation:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # --- jobs -----------------------------------------------------------------------------------------------
-    def flwr(self, *args: str) -> subprocess.CompletedProcess:
-        env = self._env("cli")
-        return subprocess.run([_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=120)
-
-    def run(self, job: JobSpec, timeout_s: float | None = None) -> dict:
+    def run(self, job: JobSpec, timeout_s: float | None = None,
+            check: Callable[[], None] | None = None) -> dict:
         """Submit ``job`` with ``flwr run``, follow its events and return its result (raise on failure)."""
         out = Path(job.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -172,15 +229,15 @@ class LocalFederation:
             stale.unlink(missing_ok=True)
         job_file = out / "job.json"
         job.save(job_file)
-        submitted = self.flwr("run", str(app_dir(self.workdir)), "local", "--format", "json",
+        submitted = self.flwr("run", str(app_dir(self.workdir)), "server", "--format", "json",
                               "--run-config", f'job-file="{job_file}"')
         try:
             run_id = json.loads(submitted.stdout)["run-id"]
         except (json.JSONDecodeError, KeyError) as err:
             raise FederationError(f"flwr run failed: {submitted.stdout}{submitted.stderr}") from err
-        return self._follow(run_id, out, timeout_s)
+        return self._follow(run_id, out, timeout_s, check or self.check_alive)
 
-    def _follow(self, run_id: str, out: Path, timeout_s: float | None) -> dict:
+    def _follow(self, run_id: str, out: Path, timeout_s: float | None, check: Callable[[], None]) -> dict:
         events = out / EVENTS_FILE
         seen = 0
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -193,7 +250,7 @@ class LocalFederation:
                 if not result.get("ok"):
                     raise FederationError(result.get("error", "job failed"))
                 return result
-            self._check_alive()
+            check()
             if time.monotonic() - last_status_check > 5:
                 last_status_check = time.monotonic()
                 status = self.run_status(run_id)
@@ -205,7 +262,7 @@ class LocalFederation:
             time.sleep(0.3)
 
     def run_status(self, run_id: str) -> dict:
-        res = self.flwr("ls", "local", "--run-id", str(run_id), "--format", "json")
+        res = self.flwr("ls", "server", "--run-id", str(run_id), "--format", "json")
         try:
             return json.loads(res.stdout)["runs"][0]
         except (json.JSONDecodeError, KeyError, IndexError):
@@ -224,13 +281,125 @@ class LocalFederation:
         return seen
 
 
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+class SiteNode(ProcessGroup):
+    """One site: its worker (state and ML) and its SuperNode (transport to the server)."""
+
+    def __init__(self, workdir: Path, site: Site, server: str, *, root_cert: Path | None = None,
+                 auth_key: Path | None = None, extra_env: dict[str, str] | None = None,
+                 exit_after_job: bool = False, max_wait_s: float | None = None) -> None:
+        super().__init__(workdir, extra_env)
+        host, _ = split_address(server)
+        if root_cert is None and not is_loopback(host):
+            raise FederationError(f"refusing to connect to {server} without TLS: pass --tls-root CA_FILE (or "
+                                  "--insecure)")
+        self.site = site
+        self.server = server
+        self.root_cert = root_cert
+        self.auth_key = auth_key
+        self.exit_after_job = exit_after_job
+        self.max_wait_s = max_wait_s
+        # Unix socket paths are limited to ~100 bytes: keep them in a short temporary folder
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="fednn-"))
+        self.socket = self._sock_dir / f"{site.name}.sock"
+
+    def start(self) -> "SiteNode":
+        env = self.env(f"site-{self.site.name}")
+        worker = [sys.executable, "-m", "fednnunet.site.worker", "--socket", str(self.socket),
+                  "--site", self.site.name, "--dataset", self.site.dataset]
+        if self.exit_after_job:
+            worker.append("--exit-after-job")
+        self.worker = self.start_process(f"worker-{self.site.name}", worker, env)
+        cmd = [_bin("flower-supernode"), "--superlink", self.server, "--port", str(free_port()),
+               "--node-config", f'site-socket="{self.socket}"']
+        if self.root_cert is None:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--root-certificates", str(self.root_cert)]
+        if self.auth_key is not None:
+            cmd += ["--auth-supernode-private-key", str(self.auth_key)]
+        if self.max_wait_s is not None:
+            cmd += ["--max-wait-time", str(self.max_wait_s)]
+        self.supernode = self.start_process(f"supernode-{self.site.name}", cmd, env)
+        return self
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.socket.exists():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise FederationError(f"site {self.site.name}: worker not ready after {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self._sock_dir, ignore_errors=True)
+
+
+@dataclass
+class LocalFederation:
+    """A server and every site on loopback: ``with LocalFederation(...) as fed: fed.run(job)``."""
+
+    workdir: Path
+    sites: Sequence[Site]
+    site_env: dict[str, str] = field(default_factory=dict)
+    on_event: Callable[[dict], None] = lambda e: None
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        self.server = ServerNode(self.workdir, on_event=self.on_event)
+        self.nodes = [SiteNode(self.workdir, s, f"127.0.0.1:{self.server.port}", extra_env=self.site_env)
+                      for s in self.sites]
+        self.logs = self.server.logs
+        self._reported_dead: set[str] = set()
+
+    def start(self) -> "LocalFederation":
+        self.server.start()
+        for node in self.nodes:
+            node.start()
+        for node in self.nodes:
+            node.wait_ready()
+        return self
+
+    def check_alive(self) -> None:
+        """The server's processes must live; a dead site is the job's business (``--min-sites``), so it is
+        only reported here, once."""
+        self.server.check_alive()
+        for node in self.nodes:
+            try:
+                node.check_alive()
+            except FederationError as err:
+                if node.site.name not in self._reported_dead:
+                    self._reported_dead.add(node.site.name)
+                    self.on_event({"t": time.time(), "kind": "warning",
+                                   "message": f"site {node.site.name} stopped: {err}"})
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.server.stop()
+
+    def __enter__(self) -> "LocalFederation":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run(self, job: JobSpec, timeout_s: float | None = None) -> dict:
+        return self.server.run(job, timeout_s, check=self.check_alive)
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
-def _terminate(popen: subprocess.Popen, grace_s: float = 10.0) -> None:
+def terminate(popen: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop a process and everything in its session (SIGTERM, then SIGKILL after ``grace_s``)."""
     if popen.poll() is not None:
         return
     try:
@@ -243,7 +412,7 @@ def _terminate(popen: subprocess.Popen, grace_s: float = 10.0) -> None:
         pass
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

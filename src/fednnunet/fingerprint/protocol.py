@@ -72,10 +72,12 @@ def _describe(caller: SiteCaller, job: FingerprintJob) -> dict[str, dict[str, An
     problems = [p for d in descs.values() for p in d.get("problems", [])]
     if problems:
         raise FederationDataError("dataset problems found:\n  " + "\n  ".join(problems))
-    versions = {d.get("version") for d in descs.values()}
-    if len(versions) > 1:
-        raise FederationDataError("sites run different fednnunet versions: " +
-                                  ", ".join(f"{s}: {d.get('version')}" for s, d in descs.items()))
+    from fednnunet import __version__
+
+    wrong = {s: d.get("version") for s, d in descs.items() if d.get("version") != __version__}
+    if wrong:
+        raise FederationDataError(f"the server runs fednnunet {__version__}; sites on other versions: " +
+                                  ", ".join(f"{s}: {v}" for s, v in wrong.items()))
     check_compatible(descs)
     return descs
 
