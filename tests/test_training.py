@@ -284,3 +284,29 @@ def test_server_loop_asym_keeps_incompatible_layers(tmp_path: Path) -> None:
     np.testing.assert_allclose(got["3"]["head"], 6.0)
     np.testing.assert_allclose(got["3"]["deep"], 6.0)
     assert not (tmp_path / "global").exists()
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda u: {**u, "w": np.full_like(u["w"], np.nan)}, "non-finite values in 'w'"),
+    (lambda u: {**u, "w": np.zeros(3, np.float32)}, "shape (3,)"),
+    (lambda u: {**u, "evil": np.zeros(1, np.float32)}, "unexpected parameter 'evil'"),
+    (lambda u: {**u, "w": u["w"].astype(np.float64)}, "dtype float64"),
+])
+def test_server_rejects_tampered_update_and_round_continues(tmp_path: Path, tamper, reason) -> None:
+    from fednnunet.federation.events import EventLog
+    from fednnunet.federation.training import run_training_task
+
+    class Tampering(_FakeCaller):
+        def try_call(self, op, configs, arrays=None, timeout_s=None):
+            replies, errors = super().try_call(op, configs, arrays, timeout_s)
+            if op == "train_round" and configs["3"]["round"] == 2:
+                info, update = replies["3"]
+                replies["3"] = (info, tamper(update))
+            return replies, errors
+
+    caller = Tampering({"1": {"w": (2,)}, "3": {"w": (2,)}}, {})
+    result = run_training_task(_job(tmp_path, False, min_sites=1), caller, EventLog(tmp_path / "events.jsonl"))
+    events = (tmp_path / "events.jsonl").read_text()
+    assert "round 2: site 3 left out: update rejected" in events and reason in events
+    assert result["rounds"] == 3
+    np.testing.assert_allclose(caller.received[3]["3"]["w"], 4.5)  # round 2's global = site 1's update alone

@@ -43,26 +43,70 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 # --- run -----------------------------------------------------------------------------------------------------
-def _job_from_args(args: argparse.Namespace, sites: list[str], out_dir: Path):
+def _job_from_args(args: argparse.Namespace, sites: list[str], out_dir: Path, num_sites: int | None = None):
+    """Map a task's flags onto the JobSpec; ``sites`` are known for `run`, only counted for `server`."""
     from fednnunet.federation.job import JobSpec
 
     gpu: dict[str, float] = {}
     if getattr(args, "gpu_memory_target", None):
         targets = args.gpu_memory_target
         if len(targets) == 1:
-            targets = targets * len(sites)
-        if len(targets) != len(sites):
-            raise SystemExit(f"error: -gpu_memory_target needs 1 or {len(sites)} values, got {len(targets)}")
-        gpu = dict(zip(sites, targets))
+            gpu = {"*": targets[0]}
+        elif len(targets) == len(sites):
+            gpu = dict(zip(sites, targets))
+        else:
+            raise SystemExit(f"error: -gpu_memory_target needs 1 value or one per site ({len(sites)}), "
+                             f"got {len(targets)}")
     train: dict = {}
     configurations = list(getattr(args, "c", None) or [])
     if args.task == "train":
         train = _train_options(args).asdict()
         configurations = [args.configuration]
-    return JobSpec(task=args.task, num_sites=len(sites), out_dir=str(out_dir), asym=getattr(args, "asym", False),
-                   configurations=configurations, planner=getattr(args, "pl", "ExperimentPlanner"),
-                   gpu_memory_target_gb=gpu, num_processes=getattr(args, "np", 1),
-                   check_cases=not getattr(args, "no_check", False), train=train)
+    return JobSpec(task=args.task, num_sites=num_sites or len(sites), out_dir=str(out_dir),
+                   asym=getattr(args, "asym", False), configurations=configurations,
+                   planner=getattr(args, "pl", "ExperimentPlanner"), gpu_memory_target_gb=gpu,
+                   num_processes=getattr(args, "np", 1), check_cases=not getattr(args, "no_check", False),
+                   train=train)
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(args.out or Path(os.environ["nnUNet_results"]) / "FednnUNet" / f"{args.task}-{stamp}").resolve()
+
+
+def _print_result(task: str, result: dict, started: float, out_dir: Path) -> None:
+    for site, info in result.get("sites", {}).items():
+        if task == "train":
+            print(f"site {site}: model in {info.get('output_folder')}")
+            continue
+        files = ", ".join(f"{k}={v}" for k, v in info.items() if k.endswith("_file"))
+        print(f"site {site} ({info.get('dataset_name')}): {files}")
+    if result.get("global_model"):
+        print(f"global model (FFE): {result['global_model']}")
+    if task == "train":
+        timing = (f"{result.get('rounds', 0)} round(s), mean {result['mean_round_seconds']:.1f} s per round, "
+                  f"overhead {result['mean_overhead_seconds']:.1f} s" if "mean_round_seconds" in result
+                  else "no training rounds")
+    else:
+        timing = f"{result.get('round_trips', '?')} round trips"
+    print(f"done in {time.time() - started:.1f} s ({timing}); summary in {out_dir / 'result.json'}")
+
+
+def _run_reporting(task: str, out_dir: Path, started: float, work) -> int:
+    """Run ``work()`` (which returns the job result), print the outcome; exit codes for people and scripts."""
+    from fednnunet.launch import FederationError
+
+    try:
+        result = work()
+    except FederationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: all federation processes were stopped", file=sys.stderr)
+        return 130
+    if result is not None:
+        _print_result(task, result, started, out_dir)
+    return 0
 
 
 def _train_options(args: argparse.Namespace):
@@ -88,14 +132,13 @@ def _train_options(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fednnunet.launch import FederationError, LocalFederation, Site
+    from fednnunet.launch import LocalFederation, Site
 
     _require_env()
-    sites = _split_ids([args.datasets] if isinstance(args.datasets, str) else args.datasets)
+    sites = _split_ids([args.datasets])
     if len(set(sites)) != len(sites):
         raise SystemExit(f"error: a dataset is listed twice: {' '.join(sites)}")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(args.out or Path(os.environ["nnUNet_results"]) / "FednnUNet" / f"{args.task}-{stamp}").resolve()
+    out_dir = _out_dir(args)
     job = _job_from_args(args, sites, out_dir)
     started = time.time()
     print(f"federation of {len(sites)} site(s): {', '.join(sites)}; task {args.task}; output {out_dir}", flush=True)
@@ -104,31 +147,113 @@ def cmd_run(args: argparse.Namespace) -> int:
         # All sites share this machine: torch's default (one thread per core in every site) oversubscribes the
         # cores; on 2 shared CPU cores a tiny 2D epoch took ~25 s instead of ~2.5 s.
         site_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(sites)))
-    try:
+
+    def work() -> dict:
         with LocalFederation(out_dir / "federation", [Site(s, s) for s in sites], site_env=site_env,
                              on_event=_printer(started)) as fed:
-            result = fed.run(job)
-    except FederationError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: all federation processes were stopped", file=sys.stderr)
-        return 130
-    for site, info in result.get("sites", {}).items():
-        if args.task == "train":
-            print(f"site {site}: model in {info.get('output_folder')}")
-            continue
-        files = ", ".join(f"{k}={v}" for k, v in info.items() if k.endswith("_file"))
-        print(f"site {site} ({info.get('dataset_name')}): {files}")
-    if result.get("global_model"):
-        print(f"global model (FFE): {result['global_model']}")
-    if args.task == "train":
-        timing = (f"{result.get('rounds', 0)} round(s), mean {result['mean_round_seconds']:.1f} s per round, "
-                  f"overhead {result['mean_overhead_seconds']:.1f} s" if "mean_round_seconds" in result
-                  else "no training rounds")
-    else:
-        timing = f"{result.get('round_trips', '?')} round trips"
-    print(f"done in {time.time() - started:.1f} s ({timing}); summary in {out_dir / 'result.json'}")
+            return fed.run(job)
+
+    return _run_reporting(args.task, out_dir, started, work)
+
+
+# --- multi-machine -------------------------------------------------------------------------------------------
+def cmd_server(args: argparse.Namespace) -> int:
+    from fednnunet.launch import FederationError, ServerNode, ServerTLS, split_address
+
+    out_dir = Path(args.out or Path.cwd() / "fednnunet_server" / f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = out_dir.resolve()
+    job = _job_from_args(args, [], out_dir, num_sites=args.num_clients)
+    host, port = split_address(args.address)
+    if args.tls_dir is None and not args.insecure:
+        raise SystemExit("error: pass --tls-dir DIR (made by `fednnunet certs`), or --insecure for a test setup")
+    tls = ServerTLS(Path(args.tls_dir).resolve()) if args.tls_dir else None
+    if tls is None:
+        print("WARNING: --insecure: no TLS and no site authentication; anyone who reaches the port can join",
+              file=sys.stderr)
+    started = time.time()
+
+    def work() -> dict:
+        try:
+            server = ServerNode(out_dir / "server", host, port, tls, on_event=_printer(started),
+                                insecure=args.insecure)
+        except FederationError as err:
+            raise SystemExit(f"error: {err}") from None
+        with server:
+            print(f"serving {args.task} on {host}:{port} ({'TLS, registered sites only' if tls else 'insecure'}); "
+                  f"waiting for {args.num_clients} site(s); output {out_dir}", flush=True)
+            return server.run(job)
+
+    return _run_reporting(args.task, out_dir, started, work)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from fednnunet.launch import FederationError, Site, SiteNode, tail
+
+    _require_env()
+    if args.insecure:
+        print("WARNING: --insecure: the connection to the server is neither encrypted nor authenticated",
+              file=sys.stderr)
+    name = args.site_name or args.dataset
+    workdir = Path(os.environ["nnUNet_results"]) / "FednnUNet" / f"client-{name}-{args.task}"
+    env = {"nnUNet_n_proc_DA": str(args.da_workers)} if args.da_workers is not None else {}
+    started = time.time()
+
+    def work() -> None:
+        try:
+            node = SiteNode(workdir, Site(name, args.dataset), args.server,
+                            root_cert=Path(args.tls_root).resolve() if args.tls_root else None,
+                            auth_key=Path(args.auth_key).resolve() if args.auth_key else None, extra_env=env,
+                            exit_after_job=True, max_wait_s=args.connect_timeout, task=args.task,
+                            insecure=args.insecure)
+        except FederationError as err:
+            raise SystemExit(f"error: {err}") from None
+        with node:
+            node.wait_ready()
+            print(f"site {name} (dataset {args.dataset}) connected to {args.server} for {args.task}; "
+                  f"logs in {node.logs}", flush=True)
+            while True:
+                code = node.worker.popen.poll()
+                if code is not None:
+                    if code != 0:
+                        raise FederationError(f"site worker failed (code {code}):\n{tail(node.worker.log)}")
+                    print(f"site {name}: the server's job ended after {time.time() - started:.0f} s")
+                    return None
+                if node.supernode.popen.poll() is not None:
+                    raise FederationError(f"lost the server {args.server} (SuperNode exited): "
+                                          f"{_supernode_reason(node.supernode.log)}")
+                time.sleep(0.5)
+
+    return _run_reporting(args.task, workdir, started, work)
+
+
+def _supernode_reason(log: Path) -> str:
+    """A person-readable reason from a SuperNode log (refused key, TLS failure, unreachable server)."""
+    from fednnunet.launch import tail
+
+    text = tail(log, 40)
+    for needle, reason in (("Failed to activate SuperNode", "the server refused this site: its key is not "
+                            "registered there (or no --auth-key was given)"),
+                           ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not signed by --tls-root"),
+                           ("SSL", "TLS handshake failed (wrong --tls-root, or the server does not use TLS)"),
+                           ("Giving up reconnection", "the server cannot be reached (down, wrong address, or it "
+                            "requires TLS)")):
+        if needle in text:
+            return reason + f"; last log lines:\n{tail(log, 8)}"
+    return "last log lines:\n" + tail(log, 8)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fednnunet.security.certs import make_certificates
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    try:
+        certs = make_certificates(Path(args.out), hosts, args.sites)
+    except (ValueError, FileExistsError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"CA certificate (give to every site):  {certs.ca_cert}")
+    print(f"server certificate and key:            {certs.server_cert}, {certs.server_key}")
+    for site, (key, pub) in certs.site_keys.items():
+        print(f"{site}: private key {key} (to that site only), public key {pub} (registered by the server)")
     return 0
 
 
@@ -196,30 +321,80 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="one-machine federation: a SuperLink and one SuperNode + site worker per dataset")
     run_sub = p.add_subparsers(dest="task", required=True)
-    for task, text in (("extract_fingerprint", "federated fingerprint extraction (FFE) at every site"),
-                       ("plan_and_preprocess", "fingerprint, plan and preprocess at every site")):
+    for task, text in TASK_HELP.items():
         t = run_sub.add_parser(task, help=text)
-        t.add_argument("datasets", nargs="+", help='dataset ids, one per site, e.g. "901 902 903"')
-        t.add_argument("-np", type=int, default=1, help="processes per site for fingerprint/preprocessing")
-        t.add_argument("--out", help="server output folder (default: $nnUNet_results/FednnUNet/<task>-<time>)")
-        t.add_argument("--no-check", action="store_true", help="skip the per-case dataset check")
-        t.add_argument("--da-workers", type=int, default=None, help="nnUNet_n_proc_DA for every site")
-        if task == "plan_and_preprocess":
-            t.add_argument("-c", nargs="+", default=["2d", "3d_fullres", "3d_lowres"],
-                           help="configurations to preprocess (nnU-Net's -c)")
-            t.add_argument("--asym", action="store_true",
-                           help="AsymFedAvg preparation: every site plans from its own local fingerprint")
-            t.add_argument("-pl", default="ExperimentPlanner", help="experiment planner class (nnU-Net's -pl)")
-            t.add_argument("-gpu_memory_target", type=float, nargs="+",
-                           help="GB per site (one value for all); FFE plans for the smallest")
+        t.add_argument("datasets", help='dataset ids, one per site, e.g. "901 902 903"')
+        _add_task_options(t, task)
         t.set_defaults(func=cmd_run)
-    _add_train_parser(run_sub)
+
+    p = sub.add_parser("server", help="the coordinating server of a multi-machine federation (SuperLink + job)")
+    server_sub = p.add_subparsers(dest="task", required=True)
+    for task, text in TASK_HELP.items():
+        t = server_sub.add_parser(task, help=text)
+        t.add_argument("--num-clients", type=int, required=True, help="sites that must connect")
+        t.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT the SuperLink serves on")
+        security = t.add_mutually_exclusive_group()
+        security.add_argument("--tls-dir", help="folder made by `fednnunet certs` (TLS + registered site keys)")
+        security.add_argument("--insecure", action="store_true", help="no TLS, no site authentication")
+        _add_task_options(t, task)
+        t.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("client", help="one site of a multi-machine federation (SuperNode + site worker)")
+    client_sub = p.add_subparsers(dest="task", required=True)
+    for task, text in TASK_HELP.items():
+        t = client_sub.add_parser(task, help=text)
+        t.add_argument("dataset", help="this site's nnU-Net dataset id or name")
+        if task == "train":
+            t.add_argument("configuration", help="must match the server's")
+            t.add_argument("fold", nargs="+", help="must match the server's")
+        t.add_argument("--server", required=True, help="HOST:PORT of the server")
+        security = t.add_mutually_exclusive_group()
+        security.add_argument("--tls-root", help="the federation's CA certificate (ca.crt)")
+        security.add_argument("--insecure", action="store_true", help="no TLS (refused unless the server is local)")
+        t.add_argument("--auth-key", help="this site's private key (sites/siteN.key from `fednnunet certs`)")
+        t.add_argument("--site-name", help="name of this site in the federation (default: the dataset)")
+        t.add_argument("--da-workers", type=int, default=None, help="nnUNet_n_proc_DA at this site")
+        t.add_argument("--connect-timeout", type=float, default=300.0,
+                       help="seconds to keep trying to reach the server")
+        t.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("certs", help="a CA, a server certificate and one key pair per site")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--hosts", required=True, help="server names/addresses sites connect to, comma separated")
+    p.add_argument("--sites", type=int, required=True, help="number of site key pairs")
+    p.set_defaults(func=cmd_certs)
+    from fednnunet.cli_evaluation import add_commands
+    add_commands(sub)
     return parser
 
 
-def _add_train_parser(run_sub) -> None:
-    t = run_sub.add_parser("train", help="federated nnU-Net training (FedAvg on FFE plans, or --asym AsymFedAvg)")
-    t.add_argument("datasets", help='dataset ids, one per site, e.g. "901 902 903"')
+TASK_HELP = {
+    "extract_fingerprint": "federated fingerprint extraction (FFE) at every site",
+    "plan_and_preprocess": "fingerprint, plan and preprocess at every site",
+    "train": "federated nnU-Net training (FedAvg on FFE plans, or --asym AsymFedAvg)",
+}
+
+
+def _add_task_options(t: argparse.ArgumentParser, task: str) -> None:
+    """The options of a task, shared by `run` (one machine) and `server` (multi-machine)."""
+    t.add_argument("--out", help=f"server output folder (default: $nnUNet_results/FednnUNet/{task}-<time>)")
+    if task == "train":
+        _add_train_options(t)
+        return
+    t.add_argument("-np", type=int, default=1, help="processes per site for fingerprint/preprocessing")
+    t.add_argument("--no-check", action="store_true", help="skip the per-case dataset check")
+    t.add_argument("--da-workers", type=int, default=None, help="nnUNet_n_proc_DA for every site")
+    if task == "plan_and_preprocess":
+        t.add_argument("-c", nargs="+", default=["2d", "3d_fullres", "3d_lowres"],
+                       help="configurations to preprocess (nnU-Net's -c)")
+        t.add_argument("--asym", action="store_true",
+                       help="AsymFedAvg preparation: every site plans from its own local fingerprint")
+        t.add_argument("-pl", default="ExperimentPlanner", help="experiment planner class (nnU-Net's -pl)")
+        t.add_argument("-gpu_memory_target", type=float, nargs="+",
+                       help="GB per site (one value for all); FFE plans for the smallest")
+
+
+def _add_train_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("configuration", help="nnU-Net configuration, e.g. 2d, 3d_fullres")
     t.add_argument("fold", nargs="+", help="0-4 or all; several (\"0 1 2 3 4\") run one after another")
     t.add_argument("--asym", action="store_true", help="AsymFedAvg (after plan_and_preprocess --asym)")
@@ -246,9 +421,7 @@ def _add_train_parser(run_sub) -> None:
     t.add_argument("--min-sites", type=int, default=None, help="fewest sites a round may have (default: all)")
     t.add_argument("--round-timeout", type=float, default=None, help="seconds before a site is left out of a round")
     t.add_argument("--resume", action="store_true", help="continue from the last completed round in --out")
-    t.add_argument("--out", help="server output folder (default: $nnUNet_results/FednnUNet/train-<time>)")
     t.add_argument("--da-workers", type=int, default=None, help="nnUNet_n_proc_DA for every site")
-    t.set_defaults(func=cmd_run)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -146,14 +146,28 @@ class ProcessGroup:
             terminate(p.popen)
         self._procs.clear()
 
+    def start(self) -> "ProcessGroup":
+        raise NotImplementedError
+
+    def __enter__(self) -> "ProcessGroup":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 class ServerNode(ProcessGroup):
     """The coordinating server: a SuperLink, and jobs submitted to it with ``flwr run``."""
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None,
-                 tls: ServerTLS | None = None, on_event: Callable[[dict], None] = lambda e: None) -> None:
+                 tls: ServerTLS | None = None, on_event: Callable[[dict], None] = lambda e: None,
+                 insecure: bool = False) -> None:
         super().__init__(workdir)
-        if tls is None and not is_loopback(host):
+        if tls is None and not insecure and not is_loopback(host):
             raise FederationError(f"refusing to serve {host} without TLS: pass --tls-dir (or --insecure to "
                                   "accept unencrypted, unauthenticated connections)")
         self.host = host
@@ -209,16 +223,6 @@ class ServerNode(ProcessGroup):
     def flwr(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([_bin("flwr"), *args], env=self.env("cli"), capture_output=True, text=True,
                               timeout=120)
-
-    def __enter__(self) -> "ServerNode":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def run(self, job: JobSpec, timeout_s: float | None = None,
             check: Callable[[], None] | None = None) -> dict:
@@ -286,10 +290,11 @@ class SiteNode(ProcessGroup):
 
     def __init__(self, workdir: Path, site: Site, server: str, *, root_cert: Path | None = None,
                  auth_key: Path | None = None, extra_env: dict[str, str] | None = None,
-                 exit_after_job: bool = False, max_wait_s: float | None = None) -> None:
+                 exit_after_job: bool = False, max_wait_s: float | None = None, task: str | None = None,
+                 insecure: bool = False) -> None:
         super().__init__(workdir, extra_env)
         host, _ = split_address(server)
-        if root_cert is None and not is_loopback(host):
+        if root_cert is None and not insecure and not is_loopback(host):
             raise FederationError(f"refusing to connect to {server} without TLS: pass --tls-root CA_FILE (or "
                                   "--insecure)")
         self.site = site
@@ -297,6 +302,7 @@ class SiteNode(ProcessGroup):
         self.root_cert = root_cert
         self.auth_key = auth_key
         self.exit_after_job = exit_after_job
+        self.task = task
         self.max_wait_s = max_wait_s
         # Unix socket paths are limited to ~100 bytes: keep them in a short temporary folder
         self._sock_dir = Path(tempfile.mkdtemp(prefix="fednn-"))
@@ -308,6 +314,8 @@ class SiteNode(ProcessGroup):
                   "--site", self.site.name, "--dataset", self.site.dataset]
         if self.exit_after_job:
             worker.append("--exit-after-job")
+        if self.task:
+            worker += ["--task", self.task]
         self.worker = self.start_process(f"worker-{self.site.name}", worker, env)
         cmd = [_bin("flower-supernode"), "--superlink", self.server, "--port", str(free_port()),
                "--node-config", f'site-socket="{self.socket}"']

@@ -23,8 +23,8 @@ def run_fingerprint_task(job: JobSpec, caller: SiteCaller, events: EventLog) -> 
     plan = None
     if job.task == "plan_and_preprocess":
         plan = PlanRequest(job.configurations, job.planner, dict(job.gpu_memory_target_gb), job.num_processes)
-    outcome = run_fingerprint_job(caller, FingerprintJob(job.asym, plan, job.num_processes, job.check_cases),
-                                  events.info)
+    outcome = run_fingerprint_job(caller, FingerprintJob(job.asym, plan, job.num_processes, job.check_cases,
+                                                         job.task), events.info)
     out = Path(job.out_dir)
     if outcome.fingerprint is not None:
         write_json_atomic(out / "merged_fingerprint.json", outcome.fingerprint)

@@ -464,7 +464,7 @@ def run_training_task(job: JobSpec, caller: Any, events: EventLog) -> dict[str, 
     """Run ``job`` (task ``train``) fold after fold; return per-fold, per-site output folders and timings."""
     options = TrainOptions.from_dict(job.train)
     root = Path(job.out_dir)
-    described = caller.broadcast("describe", {"check_cases": False})
+    described = caller.broadcast("describe", {"check_cases": False, "task": "train"})
     sites = sorted(described)
     if len(sites) < job.num_sites:
         raise RuntimeError(f"only {len(sites)} of {job.num_sites} sites answered")

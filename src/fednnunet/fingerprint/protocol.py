@@ -46,7 +46,7 @@ class PlanRequest:
 
     configurations: list[str]
     planner: str = "ExperimentPlanner"
-    gpu_memory_target_gb: dict[str, float] = field(default_factory=dict)  # per site; empty: nnU-Net default
+    gpu_memory_target_gb: dict[str, float] = field(default_factory=dict)  # per site ("*": all); empty: default
     num_processes: int = 1
 
 
@@ -56,6 +56,7 @@ class FingerprintJob:
     plan: PlanRequest | None = None
     num_processes: int = 1
     check_cases: bool = True
+    task: str = ""  # sites started for another task refuse (``fednnunet client TASK``)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class FingerprintOutcome:
 
 
 def _describe(caller: SiteCaller, job: FingerprintJob) -> dict[str, dict[str, Any]]:
-    replies = caller.broadcast("describe", {"check_cases": job.check_cases})
+    replies = caller.broadcast("describe", {"check_cases": job.check_cases, "task": job.task})
     descs = {site: result for site, (result, _) in replies.items()}
     problems = [p for d in descs.values() for p in d.get("problems", [])]
     if problems:
@@ -132,7 +133,8 @@ def run_fingerprint_job(caller: SiteCaller, job: FingerprintJob,
             plan = None
             if job.plan:
                 plan = {"configurations": job.plan.configurations, "planner": job.plan.planner,
-                        "gpu_memory_target_gb": job.plan.gpu_memory_target_gb.get(site),
+                        "gpu_memory_target_gb": job.plan.gpu_memory_target_gb.get(
+                            site, job.plan.gpu_memory_target_gb.get("*")),
                         "num_processes": job.plan.num_processes, "global_num_cases": None}
             configs[site] = {"fingerprint": None, "plan": plan, "num_processes": job.num_processes}
         replies = caller.call("fingerprint_apply", configs)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from fednnunet.aggregation import ModelSpec, validate_update
 from fednnunet.site.trainer import SiteTrainer, load_trainer_class
 from fednnunet.site.weights import unique_tensors, unwrap
 
@@ -113,7 +114,9 @@ class TrainingSession:
             "dataset_fingerprint": _read_json(model_dir / "dataset_fingerprint.json"),
             "state_keys": alias_map(nn_trainer.network),
         }
-        return info, t.get_weights()
+        weights = t.get_weights()
+        self.spec = ModelSpec.of(weights)
+        return info, weights
 
     def round(self, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], Arrays]:
         """Load the round's weights (if any), train ``epochs_per_round`` epochs, reply weights and metrics."""
@@ -122,6 +125,9 @@ class TrainingSession:
         if epoch_end is not None and t.current_epoch >= int(epoch_end):
             return self._replay(int(epoch_end))
         if arrays:
+            # What arrives from the network is checked like the server checks site updates: exactly this
+            # network's parameters, shapes and dtypes, finite values.
+            validate_update(arrays, self.spec)
             t.set_weights(arrays)
         remaining = t.num_epochs - t.current_epoch
         epochs = min(int(config.get("epochs", self.epochs_per_round)), remaining)
@@ -176,6 +182,8 @@ class TrainingSession:
     def finish(self, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Write the final model as ``checkpoint_final.pth`` and run nnU-Net's final validation unless disabled."""
         validate = bool(config.get("validate", True))
+        if arrays:
+            validate_update(arrays, self.spec)
         folder = self.trainer.finish(arrays or None, validate=validate, best=bool(config.get("val_best")))
         summary = folder / "validation" / "summary.json"
         result: dict[str, Any] = {"output_folder": str(folder),

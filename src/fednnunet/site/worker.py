@@ -37,8 +37,9 @@ class SiteError(RuntimeError):
 class SiteWorker:
     """State and operations of one site; each ``op_*`` method answers one message type."""
 
-    def __init__(self, site: str, dataset: str, exit_after_job: bool = False) -> None:
+    def __init__(self, site: str, dataset: str, exit_after_job: bool = False, task: str | None = None) -> None:
         self.site = site
+        self.task = task
         self.exit_after_job = exit_after_job
         self.exit_requested = False
         self.dataset = dataset
@@ -75,6 +76,9 @@ class SiteWorker:
         from fednnunet import __version__
         from fednnunet.fingerprint.integrity import check_site_cases, describe_site
 
+        if self.task and config.get("task") and config["task"] != self.task:
+            raise SiteError(f"site {self.site} was started for task {self.task!r} but the server runs "
+                            f"{config['task']!r}")
         desc = describe_site(self.site, self.dataset)
         self.dataset_name = desc["dataset_name"]
         problems = check_site_cases(self.site, self.dataset_name) if config.get("check_cases", True) else []
@@ -180,7 +184,7 @@ class _Handler(socketserver.BaseRequestHandler):
             threading.Thread(target=self.server.shutdown, daemon=True).start()
 
 
-def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = False) -> None:
+def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = False, task: str | None = None) -> None:
     """Serve requests on ``socket_path`` until terminated."""
     if os.path.exists(socket_path):
         os.unlink(socket_path)
@@ -189,7 +193,7 @@ def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = Fals
         server = socketserver.UnixStreamServer(socket_path, _Handler)
     finally:
         os.umask(old)
-    server.worker = SiteWorker(site, dataset, exit_after_job)  # type: ignore[attr-defined]
+    server.worker = SiteWorker(site, dataset, exit_after_job, task)  # type: ignore[attr-defined]
     logger.info("site %s (dataset %s) listening on %s", site, dataset, socket_path)
     try:
         server.serve_forever(poll_interval=0.2)
@@ -206,9 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--exit-after-job", action="store_true", help="exit when the server's job ends")
+    parser.add_argument("--task", default=None, help="refuse jobs of another task")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.socket, args.site, args.dataset, args.exit_after_job)
+    serve(args.socket, args.site, args.dataset, args.exit_after_job, args.task)
 
 
 if __name__ == "__main__":

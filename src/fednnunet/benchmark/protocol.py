@@ -1,0 +1,586 @@
+"""The paper's evaluation protocol as one function: local, centralized, FFE and AsymFedAvg training on the same
+splits with the same budget, cross-validated on the internal sites and ensembled on external sites.
+
+Layout of ``out`` (every method has its own nnU-Net roots, because every method writes models into the same
+site dataset names; the raw data are shared)::
+
+    out/<method>/nnUNet_preprocessed/   plans, preprocessed data, splits_final.json
+    out/<method>/nnUNet_results/        ordinary nnU-Net results folders (one per site; one pooled for centralized)
+    out/<method>/runs/fold_X/           metrics.jsonl (per round, per site), federation logs (ffe, asym)
+    out/<method>/predictions/<site>/    cross-validation predictions of the site's held-out cases (all folds)
+    out/<method>/predictions/external/<site>/<model site>/   fold-ensemble predictions of an external site
+    out/centralized/nnUNet_raw/         links to the site datasets plus the pooled dataset (cases ``s<id>_<case>``)
+    out/results.json, results.md, dsc.png, training_curves.png
+
+Methods:
+
+* ``local``: stock ``nnUNetv2_plan_and_preprocess`` per site, every site trains alone (``SiteTrainer``).
+* ``centralized``: the sites' cases pooled into one dataset (``data.pooled``), planned by stock nnU-Net and
+  trained as one; fold n of the pooled dataset is the union of every site's fold n.
+* ``ffe``: ``fednnunet run plan_and_preprocess`` + ``fednnunet run train`` (FedAvg on identical plans).
+* ``asym``: the same with ``--asym`` (each site plans alone, AsymFedAvg).
+
+Same splits: before any training, every site's ``splits_final.json`` is written the way nnU-Net's trainer would
+write it (``generate_crossval_split`` over the sorted case ids, seed 12345, 5 folds) into every method's
+preprocessed folder, and the pooled dataset gets the union. Same budget: every method trains ``rounds`` epochs
+of ``iterations_per_round`` iterations per fold (one federated round = one nnU-Net epoch at every site; the
+centralized model therefore sees as many iterations as ONE site, on the pooled data, as in the paper where
+all methods train the same number of epochs).
+
+External sites and per-site models: FFE has one global model (every site's checkpoint is the same), the
+centralized method one model. Local training and AsymFedAvg leave one model per site; an external case is then
+predicted by every internal site's fold ensemble and its per-case DSC / HD95 are the mean over those models
+(``per_model`` in the per-case entry keeps each one). Predictions use nnU-Net's predictor without test-time
+mirroring (``predict_cases`` default), for every method alike.
+
+Everything that imports nnU-Net with a method's roots runs in a subprocess (``nnunetv2.paths`` reads the
+variables once, at import): stock nnU-Net planning, ``fednnunet run ...``, and this module's own workers
+(``python -m fednnunet.benchmark.protocol train|predict SPEC.json``), which report progress as JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_benchmark", "BenchmarkError", "METHODS", "resolve_sites", "site_splits"]
+
+METHODS = ("local", "centralized", "ffe", "asym")
+TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__{configuration}"
+_PROGRESS = "@@progress "
+_ROUND = re.compile(r"round (\d+)/(\d+)")
+
+
+class BenchmarkError(RuntimeError):
+    """A step of the benchmark failed; the message names the step and ends with the tail of its output."""
+
+
+@dataclass(frozen=True)
+class SiteData:
+    key: str  # name in results (dataset name without the DatasetNNN_ prefix, unless ambiguous)
+    id: int
+    name: str  # DatasetNNN_Name
+    folder: Path
+
+
+# ------------------------------------------------------------------------------------------------ sites, splits
+
+
+def resolve_sites(raw: Path, sites: Sequence[str | int]) -> list[SiteData]:
+    """Raw dataset folders for ids (``901``), names (``Dataset901_SiteA``) or short names (``SiteA``)."""
+    raw = Path(raw)
+    found: list[tuple[int, str, Path]] = []
+    for s in sites:
+        s = str(s).strip()
+        if s.isdigit():
+            matches = sorted(raw.glob(f"Dataset{int(s):03d}_*"))
+        elif re.fullmatch(r"Dataset\d{3}_.+", s):
+            matches = [raw / s] if (raw / s).is_dir() else []
+        else:
+            matches = sorted(raw.glob(f"Dataset[0-9][0-9][0-9]_{s}"))
+        matches = [m for m in matches if m.is_dir() and (m / "dataset.json").is_file()]
+        if len(matches) != 1:
+            raise BenchmarkError(f"site {s!r}: expected one raw dataset in {raw}, found "
+                                 f"{[m.name for m in matches] or 'none'}")
+        m = matches[0]
+        found.append((int(m.name[7:10]), m.name, m))
+    short = [n.split("_", 1)[1] for _, n, _ in found]
+    out = []
+    for (i, name, folder), s in zip(found, short):
+        key = s if short.count(s) == 1 else name
+        out.append(SiteData(key, i, name, folder))
+    if len({d.id for d in out}) != len(out):
+        raise BenchmarkError(f"a site is listed twice: {[d.name for d in out]}")
+    return out
+
+
+def _case_ids(folder: Path) -> list[str]:
+    """Training case ids of a raw dataset (from its labelsTr), sorted as nnU-Net's trainer sorts them."""
+    ending = json.loads((folder / "dataset.json").read_text())["file_ending"]
+    ids = [f.name[: -len(ending)] for f in (folder / "labelsTr").iterdir()
+           if f.name.endswith(ending) and not f.name.startswith(".")]
+    return sorted(ids)
+
+
+def site_splits(raw_folder: Path, n_splits: int = 5) -> list[dict[str, list[str]]]:
+    """The 5-fold split nnU-Net's trainer creates for this dataset (``nnUNetTrainer.do_split``)."""
+    import numpy as np
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    keys = [str(k) for k in np.sort(_case_ids(raw_folder))]
+    if len(keys) < n_splits:
+        raise BenchmarkError(f"{raw_folder.name} has {len(keys)} cases; {n_splits}-fold cross-validation needs "
+                             f"at least {n_splits}")
+    return [{"train": [str(k) for k in s["train"]], "val": [str(k) for k in s["val"]]}
+            for s in generate_crossval_split(keys, seed=12345, n_splits=n_splits)]
+
+
+def pooled_splits(splits: dict[int, list[dict[str, list[str]]]]) -> list[dict[str, list[str]]]:
+    """Fold n of the pooled dataset = the union of every site's fold n (case ids prefixed ``s<id>_``)."""
+    n = len(next(iter(splits.values())))
+    return [{part: sorted(f"s{i}_{c}" for i, sp in splits.items() for c in sp[f][part]) for part in ("train", "val")}
+            for f in range(n)]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+class _Progress:
+    """Progress events with an ETA from the finished fraction of (method x fold) training units."""
+
+    def __init__(self, callback: Callable[[dict], None] | None, units: int) -> None:
+        self.callback = callback
+        self.units = max(units, 1)
+        self.done = 0.0
+        self.start = time.time()
+
+    def __call__(self, message: str, *, method: str = "", site: str = "", fold: Any = "", round_: Any = "",
+                 fraction_of_unit: float = 0.0) -> None:
+        elapsed = time.time() - self.start
+        frac = min(1.0, (self.done + fraction_of_unit) / self.units)
+        eta = elapsed * (1 - frac) / frac if frac > 0 else None
+        event = {"message": message, "method": method, "site": site, "fold": fold, "round": round_,
+                 "elapsed": elapsed, "eta": eta, "fraction": frac}
+        logger.info("[%s] %s", method, message)
+        if self.callback is not None:
+            self.callback(event)
+
+    def unit_done(self) -> None:
+        self.done += 1
+
+
+def format_progress(event: dict) -> str:
+    """One line for people: ``[  12s | ETA 3m05s] ffe fold 0 round 2/10 site SiteA: message``."""
+
+    def dur(s: float | None) -> str:
+        if s is None:
+            return "?"
+        s = int(round(s))
+        return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+    where = " ".join(f"{k} {event[k]}" for k in ("fold", "round", "site") if event.get(k) not in ("", None))
+    head = f"{event.get('method', '')} {where}".strip()
+    return f"[{dur(event.get('elapsed'))} | ETA {dur(event.get('eta'))}] {head}: {event.get('message', '')}"
+
+
+# ------------------------------------------------------------------------------------------------ subprocesses
+
+
+def _bin(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def _stream(cmd: list[str], env: dict[str, str], step: str, on_line: Callable[[str], None] | None = None,
+            log_file: Path | None = None) -> None:
+    """Runs ``cmd``, feeding each output line to ``on_line``; raises BenchmarkError with the output's tail."""
+    logger.info("%s: %s", step, shlex.join(cmd))
+    tail: deque[str] = deque(maxlen=40)
+    log = open(log_file, "a") if log_file else None
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1)
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                tail.append(line.rstrip())
+                if log:
+                    log.write(line)
+                if on_line:
+                    on_line(line.rstrip("\n"))
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    finally:
+        if log:
+            log.close()
+    if code != 0:
+        raise BenchmarkError(f"{step} failed (exit {code}): {shlex.join(cmd)}\n" + "\n".join(tail))
+
+
+def _env(base: Path, raw: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["nnUNet_raw"] = str(raw)
+    env["nnUNet_preprocessed"] = str(base / "nnUNet_preprocessed")
+    env["nnUNet_results"] = str(base / "nnUNet_results")
+    env.setdefault("nnUNet_def_n_proc", "1")
+    for v in ("nnUNet_preprocessed", "nnUNet_results"):
+        Path(env[v]).mkdir(parents=True, exist_ok=True)
+    env.update(extra)
+    return env
+
+
+def _worker(kind: str, spec: dict, spec_file: Path, env: dict[str, str], step: str,
+            on_event: Callable[[dict], None]) -> None:
+    _write_json(spec_file, spec)
+
+    def line(text: str) -> None:
+        if text.startswith(_PROGRESS):
+            on_event(json.loads(text[len(_PROGRESS):]))
+
+    _stream([sys.executable, "-m", "fednnunet.benchmark.protocol", kind, str(spec_file)], env, step, line,
+            spec_file.with_suffix(".log"))
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+
+def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path,
+                  external: Sequence[str] = (), folds: Sequence[int | str] = (0,), rounds: int = 10,
+                  iterations_per_round: int = 250, methods: Sequence[str] = METHODS,
+                  val_iterations: int | None = None, progress: Callable[[dict], None] | None = None,
+                  command: str | None = None) -> dict[str, Any]:
+    """Runs the protocol (module docstring) and writes ``out/results.json``, ``results.md``, ``dsc.png`` and
+    ``training_curves.png``; returns the results dict (``evaluation.report.build_results`` schema).
+
+    Args:
+        raw: the nnU-Net raw folder that holds the site datasets (read only; never written).
+        sites: internal sites (ids, dataset names or short names); at least 2 for federated methods.
+        configuration: nnU-Net configuration (``2d``, ``3d_fullres``).
+        out: output folder (created; a new folder per benchmark, methods' nnU-Net roots live inside).
+        external: sites never trained on, evaluated with the ensemble of ``folds``.
+        folds: cross-validation folds (0-4) to train; internal sites are evaluated on these folds' held-out
+            cases.
+        rounds, iterations_per_round: the budget of every method per fold (epochs x iterations per epoch).
+        val_iterations: nnU-Net's online validation iterations per epoch (default: iterations / 5, 1..50).
+        progress: called with a dict per event (``format_progress`` makes a line of it).
+        command: the command line to record (default: the Python call).
+    """
+    from fednnunet.evaluation.predict import normalize_folds
+
+    started = time.time()
+    raw, out = Path(raw).resolve(), Path(out).resolve()
+    methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise BenchmarkError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    folds = normalize_folds(list(folds))
+    if any(f == "all" or not 0 <= int(f) < 5 for f in folds):
+        raise BenchmarkError(f"folds must be in 0..4 (cross-validation), got {folds}")
+    if rounds < 1 or iterations_per_round < 1:
+        raise BenchmarkError("rounds and iterations_per_round must be >= 1")
+    val_iterations = val_iterations or max(1, min(50, iterations_per_round // 5))
+    internal = resolve_sites(raw, sites)
+    ext = resolve_sites(raw, external) if external else []
+    if {d.id for d in internal} & {d.id for d in ext}:
+        raise BenchmarkError("a site cannot be internal and external at once")
+    if len({d.key for d in internal + ext}) != len(internal + ext):
+        raise BenchmarkError("two sites have the same name")
+    if len(internal) < 2 and {"ffe", "asym", "centralized"} & set(methods):
+        raise BenchmarkError("federated and centralized methods need at least 2 internal sites")
+    out.mkdir(parents=True, exist_ok=True)
+
+    splits = {d.id: site_splits(d.folder) for d in internal}
+    prog = _Progress(progress, len(methods) * len(folds))
+    budget = {"configuration": configuration, "folds": folds, "rounds": rounds,
+              "iterations_per_round": iterations_per_round, "val_iterations_per_round": val_iterations,
+              "iterations_per_fold": rounds * iterations_per_round}
+    ctx = _Context(raw, out, configuration, internal, ext, folds, rounds, iterations_per_round, val_iterations,
+                   splits, prog)
+    per_method: dict[str, dict[str, list]] = {}
+    curves: dict[str, Path] = {}
+    timings: dict[str, float] = {}
+    for method in methods:
+        t0 = time.time()
+        per_method[method], curves[method] = getattr(ctx, f"_run_{method}")()
+        timings[method] = round(time.time() - t0, 1)
+        prog(f"done in {timings[method]:.0f} s", method=method)
+
+    from fednnunet.evaluation.report import (build_results, plot_dsc, plot_training_curves, write_markdown,
+                                             write_results_json)
+
+    budget["wall_seconds"] = round(time.time() - started, 1)
+    budget["wall_seconds_per_method"] = timings
+    if command is None:
+        command = (f"run_benchmark(raw={str(raw)!r}, sites={[d.key for d in internal]}, configuration="
+                   f"{configuration!r}, external={[d.key for d in ext]}, folds={folds}, rounds={rounds}, "
+                   f"iterations_per_round={iterations_per_round}, methods={methods})")
+    results = build_results(per_method, command, budget, external_sites=[d.key for d in ext])
+    results["sites"] = {d.key: {"id": d.id, "dataset": d.name, "external": d in ext} for d in internal + ext}
+    write_results_json(results, out / "results.json")
+    write_markdown(results, out / "results.md")
+    plot_dsc(results, out / "dsc.png")
+    plot_training_curves(curves, out / "training_curves.png")
+    prog(f"wrote {out / 'results.json'}, results.md, dsc.png, training_curves.png in {budget['wall_seconds']:.0f} s")
+    return results
+
+
+class _Context:
+    def __init__(self, raw, out, configuration, internal, ext, folds, rounds, iterations, val_iterations, splits,
+                 prog):
+        self.raw, self.out, self.configuration = raw, out, configuration
+        self.internal: list[SiteData] = internal
+        self.ext: list[SiteData] = ext
+        self.folds, self.rounds, self.iterations, self.val_iterations = folds, rounds, iterations, val_iterations
+        self.splits, self.prog = splits, prog
+
+    # ----------------------------------------------------------------------------------------- helpers
+
+    def _base(self, method: str) -> Path:
+        return self.out / method
+
+    def _write_splits(self, method: str, datasets: Sequence[SiteData]) -> None:
+        pre = self._base(method) / "nnUNet_preprocessed"
+        for d in datasets:
+            _write_json(pre / d.name / "splits_final.json", self.splits[d.id])
+
+    def _model_folder(self, method: str, dataset_name: str) -> Path:
+        return (self._base(method) / "nnUNet_results" / dataset_name /
+                TRAINER_DIR.format(configuration=self.configuration))
+
+    def _on_worker_event(self, method: str) -> Callable[[dict], None]:
+        def on(e: dict) -> None:
+            frac = e.get("fraction_of_unit", 0.0)
+            self.prog(e.get("message", ""), method=method, site=e.get("site", ""), fold=e.get("fold", ""),
+                      round_=e.get("round", ""), fraction_of_unit=frac)
+        return on
+
+    def _plan_stock(self, method: str, env: dict[str, str], ids: Sequence[int]) -> None:
+        self.prog(f"nnUNetv2_plan_and_preprocess {' '.join(map(str, ids))}", method=method)
+        _stream([_bin("nnUNetv2_plan_and_preprocess"), "-d", *map(str, ids), "-c", self.configuration, "-np", "1"],
+                env, f"{method}: nnUNetv2_plan_and_preprocess", log_file=self._base(method) / "plan.log")
+
+    def _train_stock(self, method: str, env: dict[str, str], datasets: Sequence[SiteData]) -> Path:
+        """Trains every dataset alone, fold by fold, in a worker process; returns the first fold's metrics file."""
+        first = None
+        for fold in self.folds:
+            run = self._base(method) / "runs" / f"fold_{fold}"
+            spec = {"datasets": [[d.id, d.key] for d in datasets], "configuration": self.configuration,
+                    "fold": fold, "rounds": self.rounds, "iterations": self.iterations,
+                    "val_iterations": self.val_iterations, "metrics_file": str(run / "metrics.jsonl")}
+            self.prog("training", method=method, fold=fold)
+            _worker("train", spec, run / "train_spec.json", env, f"{method}: training fold {fold}",
+                    self._on_worker_event(method))
+            self.prog.unit_done()
+            first = first or run / "metrics.jsonl"
+        assert first is not None
+        return first
+
+    def _fednnunet(self, method: str, env: dict[str, str], args: list[str], step: str, fold: Any = "") -> None:
+        def line(text: str) -> None:
+            m = _ROUND.search(text)
+            if m:
+                r, n = int(m.group(1)), int(m.group(2))
+                self.prog(text.split("] ", 1)[-1][:160], method=method, fold=fold, round_=f"{r}/{n}",
+                          fraction_of_unit=r / max(n, 1) * 0.95)
+        _stream([sys.executable, "-m", "fednnunet.cli", *args], env, step, line,
+                self._base(method) / "federation.log")
+
+    def _train_federated(self, method: str, env: dict[str, str], asym: bool) -> Path:
+        ids = " ".join(str(d.id) for d in self.internal)
+        self.prog("federated plan_and_preprocess" + (" --asym" if asym else ""), method=method)
+        self._fednnunet(method, env, ["run", "plan_and_preprocess", ids, "-c", self.configuration, "--out",
+                                      str(self._base(method) / "runs" / "plan_and_preprocess"),
+                                      *(["--asym"] if asym else [])], f"{method}: plan_and_preprocess")
+        self._write_splits(method, self.internal)
+        first = None
+        for fold in self.folds:
+            run = self._base(method) / "runs" / f"fold_{fold}"
+            self.prog("federated training", method=method, fold=fold)
+            self._fednnunet(method, env, [
+                "run", "train", ids, self.configuration, str(fold), "--rounds", str(self.rounds),
+                "--iterations-per-round", str(self.iterations), "--val-iterations", str(self.val_iterations),
+                "--skip-val", "--da-workers", "0", "--out", str(run), *(["--asym"] if asym else [])],
+                f"{method}: training fold {fold}", fold=fold)
+            self.prog.unit_done()
+            metrics = next(iter(sorted(run.rglob("metrics.jsonl"))), run / "metrics.jsonl")
+            first = first or metrics
+        assert first is not None
+        return first
+
+    def _predict(self, method: str, env: dict[str, str], jobs: list[dict]) -> None:
+        self.prog(f"predicting {sum(len(j['cases']) for j in jobs)} case(s)", method=method)
+        _worker("predict", {"jobs": jobs}, self._base(method) / "predict_spec.json", env,
+                f"{method}: prediction", self._on_worker_event(method))
+
+    def _cv_jobs(self, method: str, model_of: Callable[[SiteData], Path]) -> list[dict]:
+        from fednnunet.evaluation.predict import case_input_files
+
+        jobs = []
+        for d in self.internal:
+            for fold in self.folds:
+                cases = self.splits[d.id][int(fold)]["val"]
+                jobs.append({"model_folder": str(model_of(d)), "folds": [fold],
+                             "cases": case_input_files(d.folder, cases),
+                             "output": str(self._base(method) / "predictions" / d.key), "site": d.key})
+        return jobs
+
+    def _ext_jobs(self, method: str, models: dict[str, Path]) -> list[dict]:
+        from fednnunet.evaluation.predict import case_input_files
+
+        return [{"model_folder": str(folder), "folds": list(self.folds), "cases": case_input_files(e.folder),
+                 "output": str(self._base(method) / "predictions" / "external" / e.key / model_key),
+                 "site": e.key}
+                for e in self.ext for model_key, folder in models.items()]
+
+    def _evaluate(self, pred_dir: Path, d: SiteData) -> list[dict]:
+        from fednnunet.evaluation.report import evaluate_predictions
+
+        return evaluate_predictions(pred_dir, d.folder / "labelsTr", d.folder / "dataset.json")["per_case"]
+
+    def _evaluate_external(self, method: str, model_keys: Sequence[str]) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for e in self.ext:
+            by_model = {k: {c["case"]: c for c in self._evaluate(
+                self._base(method) / "predictions" / "external" / e.key / k, e)} for k in model_keys}
+            out[e.key] = _combine_models(by_model)
+        return out
+
+    def _finish_per_site(self, method: str, env: dict[str, str], model_of: Callable[[SiteData], Path],
+                         ext_models: dict[str, Path]) -> dict[str, list]:
+        self._predict(method, env, self._cv_jobs(method, model_of) + self._ext_jobs(method, ext_models))
+        res = {d.key: self._evaluate(self._base(method) / "predictions" / d.key, d) for d in self.internal}
+        res.update(self._evaluate_external(method, list(ext_models)))
+        return res
+
+    # ----------------------------------------------------------------------------------------- methods
+
+    def _run_local(self) -> tuple[dict, Path]:
+        env = _env(self._base("local"), self.raw)
+        self._plan_stock("local", env, [d.id for d in self.internal])
+        self._write_splits("local", self.internal)
+        curves = self._train_stock("local", env, self.internal)
+        models = {d.key: self._model_folder("local", d.name) for d in self.internal}
+        return self._finish_per_site("local", env, lambda d: models[d.key], models), curves
+
+    def _run_ffe(self, asym: bool = False) -> tuple[dict, Path]:
+        method = "asym" if asym else "ffe"
+        env = _env(self._base(method), self.raw)
+        curves = self._train_federated(method, env, asym)
+        models = {d.key: self._model_folder(method, d.name) for d in self.internal}
+        # FFE: every site's final checkpoint is the global model; one of them predicts the external sites
+        ext_models = models if asym else {"global": models[self.internal[0].key]}
+        return self._finish_per_site(method, env, lambda d: models[d.key], ext_models), curves
+
+    def _run_asym(self) -> tuple[dict, Path]:
+        return self._run_ffe(asym=True)
+
+    def _run_centralized(self) -> tuple[dict, Path]:
+        from fednnunet.data.pooled import pool_datasets
+
+        base = self._base("centralized")
+        craw = base / "nnUNet_raw"
+        craw.mkdir(parents=True, exist_ok=True)
+        for d in self.internal:
+            if not (craw / d.name).exists():
+                os.symlink(d.folder, craw / d.name)
+        used = {int(p.name[7:10]) for p in list(self.raw.glob("Dataset[0-9][0-9][0-9]_*"))
+                + list(craw.glob("Dataset[0-9][0-9][0-9]_*"))}
+        pooled = next((p for p in sorted(craw.glob("Dataset[0-9][0-9][0-9]_Pooled")) if not p.is_symlink()), None)
+        if pooled is None:
+            pooled_id = next(i for i in range(999, 0, -1) if i not in used)
+            pooled = pool_datasets(craw, [d.id for d in self.internal], pooled_id, name="Pooled")
+        pooled_id = int(pooled.name[7:10])
+        env = _env(base, craw)
+        self._plan_stock("centralized", env, [pooled_id])
+        _write_json(base / "nnUNet_preprocessed" / pooled.name / "splits_final.json", pooled_splits(self.splits))
+        pooled_site = SiteData("Pooled", pooled_id, pooled.name, pooled)
+        curves = self._train_stock("centralized", env, [pooled_site])
+        model = self._model_folder("centralized", pooled.name)
+        from fednnunet.evaluation.predict import case_input_files
+
+        jobs = [{"model_folder": str(model), "folds": [fold],
+                 "cases": case_input_files(pooled, pooled_splits(self.splits)[int(fold)]["val"]),
+                 "output": str(base / "predictions" / "pooled"), "site": "Pooled"} for fold in self.folds]
+        self._predict("centralized", env, jobs + self._ext_jobs("centralized", {"pooled": model}))
+        from fednnunet.evaluation.report import split_by_prefix
+
+        pooled_cases = self._evaluate(base / "predictions" / "pooled", pooled_site)
+        res: dict[str, list] = dict(split_by_prefix(pooled_cases, {d.key: f"s{d.id}_" for d in self.internal}))
+        res.update(self._evaluate_external("centralized", ["pooled"]))
+        return res, curves
+
+
+def _combine_models(by_model: dict[str, dict[str, dict]]) -> list[dict]:
+    """Per case: mean DSC / HD95 over the models that predicted it; each model's values under ``per_model``."""
+    import numpy as np
+
+    cases = sorted(set().union(*[set(v) for v in by_model.values()]))
+    out = []
+    for c in cases:
+        vals = {k: v[c] for k, v in by_model.items() if c in v}
+        entry = {"case": c, "dsc": float(np.mean([v["dsc"] for v in vals.values()])),
+                 "hd95": float(np.mean([v["hd95"] for v in vals.values()]))}
+        if len(by_model) > 1:
+            entry["per_model"] = {k: {"dsc": v["dsc"], "hd95": v["hd95"]} for k, v in vals.items()}
+        else:
+            entry["per_class"] = next(iter(vals.values())).get("per_class")
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def _emit(**event: Any) -> None:
+    print(_PROGRESS + json.dumps(event), flush=True)
+
+
+def _worker_train(spec: dict) -> None:
+    """Trains each dataset alone with the budget (one process; nnU-Net's roots come from the environment)."""
+    from fednnunet.site.trainer import SiteTrainer
+
+    rounds, fold = spec["rounds"], spec["fold"]
+    records: list[dict] = [{"round": r + 1, "rounds": rounds, "fold": fold, "sites": {}} for r in range(rounds)]
+    n = len(spec["datasets"])
+    for i, (dataset_id, key) in enumerate(spec["datasets"]):
+        _emit(message="building trainer", site=key, fold=fold, fraction_of_unit=i / n)
+        st = SiteTrainer(dataset_id, spec["configuration"], fold=fold, device=spec.get("device", "cpu"),
+                         total_epochs=rounds, iterations_per_epoch=spec["iterations"],
+                         val_iterations=spec["val_iterations"], num_workers=0)
+        for r in range(rounds):
+            m = st.run_epoch()
+            records[r]["sites"][key] = m
+            _emit(message=f"train loss {m['train_loss']:.3f} val loss {m['val_loss']:.3f} "
+                          f"pseudo-Dice {m['mean_fg_dice']:.3f} ({m['epoch_seconds']:.1f} s)",
+                  site=key, fold=fold, round=f"{r + 1}/{rounds}", fraction_of_unit=(i + (r + 1) / rounds) / n * 0.95)
+        st.finish(validate=False)
+    path = Path(spec["metrics_file"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(rec) + "\n" for rec in records))
+
+
+def _worker_predict(spec: dict) -> None:
+    from fednnunet.evaluation.predict import predict_cases
+
+    for job in spec["jobs"]:
+        t = time.time()
+        predict_cases(job["model_folder"], job["folds"], job["cases"], job["output"], device=spec.get("device", "cpu"),
+                      sequential=True)
+        _emit(message=f"predicted {len(job['cases'])} case(s) with folds {job['folds']} of "
+                      f"{Path(job['model_folder']).parent.name} in {time.time() - t:.1f} s", site=job["site"])
+
+
+def _main(argv: Sequence[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("train", "predict"):
+        print("usage: python -m fednnunet.benchmark.protocol train|predict SPEC.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    spec = json.loads(Path(argv[1]).read_text())
+    (_worker_train if argv[0] == "train" else _worker_predict)(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
