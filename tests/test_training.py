@@ -310,3 +310,34 @@ def test_server_rejects_tampered_update_and_round_continues(tmp_path: Path, tamp
     assert "round 2: site 3 left out: update rejected" in events and reason in events
     assert result["rounds"] == 3
     np.testing.assert_allclose(caller.received[3]["3"]["w"], 4.5)  # round 2's global = site 1's update alone
+
+
+def test_killing_a_site_mid_run_does_not_stop_the_run(federation: Path, tmp_path: Path) -> None:
+    """A real site process dies after round 1; with --min-sites 1 the others finish every round."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "fednnunet"), "run", "train", "901 902", "2d", "0", "--rounds", "4",
+           "--iterations-per-round", "2", "--val-iterations", "1", "--min-sites", "1", "--skip-val",
+           "--da-workers", "0", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        workers = subprocess.run(["pgrep", "-f", "fednnunet.site.worker .*--site 902 "], capture_output=True,
+                                 text=True).stdout.split()
+        assert workers, "site 902's worker not found"
+        for pid in workers:
+            os.kill(int(pid), signal.SIGKILL)
+        stdout, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout
+    assert "site 902 left out" in stdout and "site 902 stopped" in stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["rounds"] == 4 and "901" in result["sites"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(lines[-1]["sites"]) == ["901"]
