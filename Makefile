@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(STAMP)
 
@@ -21,5 +21,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# Benchmarks (not part of the tests): they print numbers and write JSON into benchmarks_out/.
+bench: install
+	$(BIN)/fednnunet bench all --out benchmarks_out
+
 clean:
-	rm -rf $(VENV) demo_run
+	rm -rf $(VENV) demo_run benchmarks_out

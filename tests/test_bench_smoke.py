@@ -80,3 +80,28 @@ def test_bench_planning_refuses_a_used_folder(tmp_path):
     (tmp_path / "something").write_text("x")
     with pytest.raises(FileExistsError):
         bench_planning(sites=2, work=tmp_path)
+
+
+def test_bench_aggregate_command_prints_json_keys():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    res = subprocess.run([str(Path(sys.executable).parent / "fednnunet"), "bench", "aggregate", "--sites", "2",
+                          "--params", "1e5", "--repeats", "1", "--modes", "ffe", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads(res.stdout)
+    assert {"aggregate_s", "copy_s", "ratio", "peak_mb", "update_mb"} <= set(row)
+
+
+def test_overhead_summary_from_server_records():
+    from fednnunet.bench.overhead import summarize
+
+    records = [{"round": r, "wall_seconds": 10.0 + r, "overhead_seconds": 4.0 + r,
+                "bytes": {"a": {"sent": 100, "received": 100}, "b": {"sent": 100, "received": 104}},
+                "model_bytes": {"global": 100}} for r in (1, 2, 3)]
+    s = summarize(records, sites=2, model="tiny", iterations=2)
+    assert s["overhead_s_median"] == 6.0 and s["round_s_median"] == 12.0 and s["compute_s_median"] == 6.0
+    assert s["bytes_per_site_per_round"] == 202 and s["model_bytes"] == 100 and s["bytes_ratio"] == 2.02

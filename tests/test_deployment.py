@@ -3,24 +3,16 @@ registered sites complete the job; an unregistered key, an insecure client and a
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from conftest import nnunet_env
 from fednnunet.data.synthetic import write_demo_federation
 from fednnunet.launch import free_port
 
 BIN = Path(sys.executable).parent / "fednnunet"
-
-
-def _env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[var] = str(root / var)
-        (root / var).mkdir(parents=True, exist_ok=True)
-    return env
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -28,7 +20,7 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def test_tls_authenticated_federation_and_refusals(tmp_path):
-    env = _env(tmp_path)
+    env = nnunet_env(tmp_path)
     write_demo_federation(Path(env["nnUNet_raw"]), first_id=901, sites=2, dim=2, seed=3)
     subprocess.run([str(BIN), "certs", "--out", str(tmp_path / "tls"), "--hosts", "localhost,127.0.0.1",
                     "--sites", "2"], env=env, check=True, capture_output=True)
@@ -70,10 +62,10 @@ def test_tls_authenticated_federation_and_refusals(tmp_path):
 
 
 def test_server_refuses_to_run_without_tls_choice(tmp_path):
-    res = subprocess.run([str(BIN), "server", "extract_fingerprint", "--num-clients", "1"], env=_env(tmp_path),
+    res = subprocess.run([str(BIN), "server", "extract_fingerprint", "--num-clients", "1"], env=nnunet_env(tmp_path),
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "--tls-dir" in res.stderr
     # refused before any connection is attempted
     res = subprocess.run([str(BIN), "client", "extract_fingerprint", "901", "--server", "10.1.2.3:9092"],
-                         env=_env(tmp_path), capture_output=True, text=True, timeout=60)
+                         env=nnunet_env(tmp_path), capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "refusing to connect to 10.1.2.3:9092 without TLS" in res.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +12,11 @@ from pathlib import Path
 import pytest
 
 from fednnunet.data.pooled import pool_datasets
+from conftest import nnunet_env
 from fednnunet.data.synthetic import write_demo_federation
 
 BIN = Path(sys.executable).parent
 SITES = ["Dataset901_SiteA", "Dataset902_SiteB", "Dataset903_SiteC"]
-
-
-def _env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[var] = str(root / var)
-        (root / var).mkdir(parents=True, exist_ok=True)
-    return env
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
@@ -34,7 +26,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.
 @pytest.fixture(scope="module")
 def federated(tmp_path_factory):
     root = tmp_path_factory.mktemp("ffe")
-    env = _env(root)
+    env = nnunet_env(root)
     raw = Path(env["nnUNet_raw"])
     write_demo_federation(raw, first_id=901, sites=3, dim=2, seed=0, ct=True)
     res = _run([str(BIN / "fednnunet"), "run", "plan_and_preprocess", "901 902 903", "-c", "2d",
@@ -87,7 +79,7 @@ def test_progress_and_round_trips_reported(federated):
 
 
 def test_broken_site_fails_with_site_and_case_named_and_writes_nothing(tmp_path):
-    env = _env(tmp_path)
+    env = nnunet_env(tmp_path)
     raw = Path(env["nnUNet_raw"])
     write_demo_federation(raw, first_id=901, sites=2, dim=2, seed=1)
     images = sorted((raw / "Dataset902_SiteB" / "imagesTr").glob("*.nii.gz"))

@@ -363,8 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", required=True, help="server names/addresses sites connect to, comma separated")
     p.add_argument("--sites", type=int, required=True, help="number of site key pairs")
     p.set_defaults(func=cmd_certs)
-    from fednnunet.cli_evaluation import add_commands
-    add_commands(sub)
+
+    from fednnunet import cli_bench, cli_evaluation  # their commands live beside their stages
+
+    cli_evaluation.add_commands(sub)
+    cli_bench.add_commands(sub)
     return parser
 
 

@@ -106,7 +106,27 @@ class _Proc:
     log: Path
 
 
-class ProcessGroup:
+class StartStop:
+    """``with X(...) as x:`` starts on entry (stopping what did start if starting fails) and stops on exit."""
+
+    def start(self) -> "StartStop":
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):  # noqa: ANN204 - returns the started object itself
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ProcessGroup(StartStop):
     """Processes started for one role, each logged to ``workdir/logs/<name>.log`` and stopped together."""
 
     def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None) -> None:
@@ -145,19 +165,6 @@ class ProcessGroup:
         for p in reversed(self._procs):
             terminate(p.popen)
         self._procs.clear()
-
-    def start(self) -> "ProcessGroup":
-        raise NotImplementedError
-
-    def __enter__(self) -> "ProcessGroup":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class ServerNode(ProcessGroup):
@@ -344,7 +351,7 @@ class SiteNode(ProcessGroup):
 
 
 @dataclass
-class LocalFederation:
+class LocalFederation(StartStop):
     """A server and every site on loopback: ``with LocalFederation(...) as fed: fed.run(job)``."""
 
     workdir: Path
@@ -385,16 +392,6 @@ class LocalFederation:
         for node in self.nodes:
             node.stop()
         self.server.stop()
-
-    def __enter__(self) -> "LocalFederation":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def run(self, job: JobSpec, timeout_s: float | None = None) -> dict:
         return self.server.run(job, timeout_s, check=self.check_alive)

@@ -4,6 +4,7 @@
   FFE (FedAvg with :class:`~fednnunet.aggregation.StreamingAverager`) and AsymFedAvg
   (:func:`~fednnunet.aggregation.asym_fedavg`), against a plain ``np.copyto`` of the same bytes timed in
   the same run. The ratio is the figure: absolute times vary between machines.
+* :func:`bench_overhead` (``overhead.py``): per-round overhead and bytes on the wire of a real federation.
 * :func:`bench_planning` (``planning.py``): ``fednnunet run plan_and_preprocess`` on K synthetic sites vs.
   each site's local ``nnUNetv2_plan_and_preprocess`` alone, same machine, same run.
 
@@ -13,6 +14,8 @@ tools as subprocesses.
 """
 
 from fednnunet.bench.aggregate import bench_aggregate, format_aggregate_table, model_shapes
+from fednnunet.bench.overhead import bench_overhead, format_overhead
 from fednnunet.bench.planning import bench_planning, format_planning
 
-__all__ = ["bench_aggregate", "bench_planning", "format_aggregate_table", "format_planning", "model_shapes"]
+__all__ = ["bench_aggregate", "bench_overhead", "bench_planning", "format_aggregate_table", "format_overhead",
+           "format_planning", "model_shapes"]

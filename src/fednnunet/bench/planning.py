@@ -16,60 +16,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fednnunet.bench.common import console_script, nnunet_env, run_timed
+
 __all__ = ["bench_planning", "format_planning"]
-
-_NNUNET_DIRS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-
-
-def _tool(name: str) -> str:
-    """The console script ``name`` of this environment (next to the running python), else from PATH."""
-    here = Path(sys.executable).parent / name
-    if here.exists():
-        return str(here)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"{name} not found next to {sys.executable} nor on PATH")
-    return found
-
-
-def _env(root: Path) -> dict[str, str]:
-    """This process's environment with its own nnU-Net folders under ``root``.
-
-    ``nnUNet_n_proc_DA`` is removed: nnU-Net's planner calls ``torch.set_num_threads`` with it, and the
-    value 0 (the fastest for tiny CPU training) crashes planning. Removed for both runs so they see the
-    same environment.
-    """
-    env = dict(os.environ)
-    env.pop("nnUNet_n_proc_DA", None)
-    for var in _NNUNET_DIRS:
-        path = root / var
-        path.mkdir(parents=True, exist_ok=True)
-        env[var] = str(path)
-    return env
-
-
-def _timed(cmd: list[str], env: Mapping[str, str], log: Path, timeout_s: float) -> float:
-    """Run ``cmd`` to completion (output to ``log``); return its wall time; raise if it fails."""
-    with log.open("wb") as out:
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired as err:
-            raise RuntimeError(f"{' '.join(cmd)} did not finish in {timeout_s:.0f} s (log: {log})") from err
-        elapsed = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode} (log: {log}):\n{tail}")
-    return elapsed
 
 
 def bench_planning(sites: int = 3, work: Path | str | None = None, seed: int = 0, *, first_id: int = 901,
@@ -98,26 +53,26 @@ def bench_planning(sites: int = 3, work: Path | str | None = None, seed: int = 0
         root.mkdir(parents=True, exist_ok=True)
         logs = root / "logs"
         logs.mkdir()
-        fed_env, local_env = _env(root / "federated"), _env(root / "local")
+        fed_env, local_env = nnunet_env(root / "federated"), nnunet_env(root / "local")
         ids = [str(first_id + i) for i in range(sites)]
         write_demo_federation(Path(fed_env["nnUNet_raw"]), first_id=first_id, sites=sites, dim=2, seed=seed)
         for folder in sorted(Path(fed_env["nnUNet_raw"]).iterdir()):  # the same raw data, a separate copy
             shutil.copytree(folder, Path(local_env["nnUNet_raw"]) / folder.name)
 
         if warmup:
-            _timed([sys.executable, "-c", "import torch, flwr, nnunetv2.experiment_planning.plan_and_preprocess_api"],
+            run_timed([sys.executable, "-c", "import torch, flwr, nnunetv2.experiment_planning.plan_and_preprocess_api"],
                    local_env, logs / "warmup.log", timeout_s)
 
-        fed_cmd = [_tool("fednnunet"), "run", "plan_and_preprocess", " ".join(ids), "-c", configuration,
+        fed_cmd = [console_script("fednnunet"), "run", "plan_and_preprocess", " ".join(ids), "-c", configuration,
                    "-np", str(num_processes), "--out", str(root / "federated" / "run")]
-        federated_s = _timed(fed_cmd, fed_env, logs / "federated.log", timeout_s)
+        federated_s = run_timed(fed_cmd, fed_env, logs / "federated.log", timeout_s)
 
         per_site: dict[str, float] = {}
         local_cmds = []
         for ds in ids:
-            cmd = [_tool("nnUNetv2_plan_and_preprocess"), "-d", ds, "-c", configuration, "-np", str(num_processes)]
+            cmd = [console_script("nnUNetv2_plan_and_preprocess"), "-d", ds, "-c", configuration, "-np", str(num_processes)]
             local_cmds.append(cmd)
-            per_site[ds] = _timed(cmd, local_env, logs / f"local_{ds}.log", timeout_s)
+            per_site[ds] = run_timed(cmd, local_env, logs / f"local_{ds}.log", timeout_s)
 
         slowest = max(per_site.values())
         return {

@@ -350,7 +350,11 @@ class _FoldRun:
             targets = [s for s in sites if s not in needs_init]
             payload = {s: models[s if asym else "global"] for s in targets}
             configs = {s: {"round": r, "epoch_end": r * epochs_per_round} for s in targets}
+            traffic = self.caller.traffic
+            before = {x: (traffic.sent.get(x, 0), traffic.received.get(x, 0)) for x in targets}
             replies, errors = self.caller.try_call("train_round", configs, payload, timeout_s=opts.round_timeout_s)
+            round_bytes = {x: {"sent": traffic.sent.get(x, 0) - before[x][0],
+                               "received": traffic.received.get(x, 0) - before[x][1]} for x in targets}
             errors = {**{s: "could not rebuild its trainer" for s in needs_init}, **errors}
             accepted: dict[str, Arrays] = {}
             metrics: dict[str, dict[str, Any]] = {}
@@ -378,7 +382,9 @@ class _FoldRun:
             slowest = max(m.get("epoch_seconds", 0.0) for m in metrics.values())
             record = {"round": r, "rounds": rounds, "fold": self.fold, "t": time.time(), "wall_seconds": wall,
                       "overhead_seconds": wall - slowest, "sites": metrics, "left_out": errors,
-                      "weights": {s: weight_of[s] for s in metrics}, **asym_info}
+                      "weights": {s: weight_of[s] for s in metrics}, "bytes": round_bytes,
+                      "model_bytes": {k: int(sum(a.nbytes for a in m.values())) for k, m in models.items()},
+                      **asym_info}
             history.append(record)
             save_state(self.out, r, models, asym, history, {"rounds": rounds, "fold": self.fold,
                                                             "options": opts.asdict()})

@@ -1,0 +1,100 @@
+"""Per-round overhead of a real federation on loopback: what a round costs beyond the slowest site's epoch.
+
+A federation of ``sites`` synthetic 2D sites is planned with FFE and trained for ``rounds`` rounds through the
+same ``fednnunet run`` commands a user types (real SuperLink, SuperNodes, site workers, persistent trainers).
+The figures come from the server's ``metrics.jsonl``: the round's wall time (send, epoch, reply, validation of
+the updates, aggregation), the slowest site's epoch compute time as measured at the site, their difference
+(overhead), and the array bytes sent to and received from each site during the round.
+
+``model="30m"``: the same 2D plans with every stage twice as wide (a custom nnU-Net plans file,
+``nnUNetPlans30M``), which makes the U-Net about 31 M parameters, the size of a 3d_fullres nnU-Net, while the
+compute per iteration stays small enough for a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fednnunet.bench.common import console_script, nnunet_env, run_timed
+
+LARGE_PLANS = "nnUNetPlans30M"
+
+
+def write_large_plans(preprocessed_dataset: Path, configuration: str = "2d") -> str:
+    """Derive ``nnUNetPlans30M.json`` from the dataset's ``nnUNetPlans.json`` (same data, 2x the features)."""
+    plans = json.loads((preprocessed_dataset / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = LARGE_PLANS
+    arch = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [2 * f for f in arch["features_per_stage"]]
+    (preprocessed_dataset / f"{LARGE_PLANS}.json").write_text(json.dumps(plans, indent=2))
+    return LARGE_PLANS
+
+
+def bench_overhead(sites: int = 3, rounds: int = 3, model: str = "tiny", iterations: int = 2,
+                   work: Path | None = None) -> dict[str, Any]:
+    """Run the federation and return medians over rounds plus the per-round records."""
+    from fednnunet.data.synthetic import write_demo_federation
+
+    if model not in ("tiny", "30m"):
+        raise ValueError(f"model must be 'tiny' or '30m', got {model!r}")
+    work = Path(work or tempfile.mkdtemp(prefix="fednnunet-bench-overhead-")).resolve()
+    env = nnunet_env(work)  # training gets --da-workers 0 below
+    fednnunet = console_script("fednnunet")
+    ids = [str(901 + i) for i in range(sites)]
+    if not any((work / "nnUNet_raw").glob("Dataset901_*")):
+        write_demo_federation(work / "nnUNet_raw", first_id=901, sites=sites, dim=2, seed=0)
+    run_timed([fednnunet, "run", "plan_and_preprocess", " ".join(ids), "-c", "2d", "--out", str(work / "plan")],
+           env, work / "plan.log", 3600)
+    plans = "nnUNetPlans"
+    if model == "30m":
+        for ds in sorted((work / "nnUNet_preprocessed").glob("Dataset9*")):
+            plans = write_large_plans(ds)
+    out = work / f"train-{model}"
+    run_timed([fednnunet, "run", "train", " ".join(ids), "2d", "0", "-p", plans, "--rounds", str(rounds),
+            "--iterations-per-round", str(iterations), "--val-iterations", "1", "--skip-val", "--da-workers", "0",
+            "--out", str(out)], env, work / f"train-{model}.log", 3600)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return summarize(records, sites=sites, model=model, iterations=iterations, work=work)
+
+
+def summarize(records: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
+    """Medians over rounds of the per-round records written by the training server."""
+    per_round = []
+    for r in records:
+        per_site = [b["sent"] + b["received"] for b in r.get("bytes", {}).values()]
+        per_round.append({
+            "round": r["round"], "round_s": r["wall_seconds"], "overhead_s": r["overhead_seconds"],
+            "compute_s": r["wall_seconds"] - r["overhead_seconds"],
+            "bytes_per_site": statistics.median(per_site) if per_site else 0,
+        })
+    model_bytes = max(next(iter(records[-1].get("model_bytes", {"": 0}).values()), 0), 1)
+    bytes_per_site = statistics.median(p["bytes_per_site"] for p in per_round)
+    return {
+        "overhead_s_median": statistics.median(p["overhead_s"] for p in per_round),
+        "round_s_median": statistics.median(p["round_s"] for p in per_round),
+        "compute_s_median": statistics.median(p["compute_s"] for p in per_round),
+        "bytes_per_site_per_round": bytes_per_site,
+        "model_bytes": model_bytes,
+        "bytes_ratio": bytes_per_site / model_bytes,
+        "params": model_bytes // 4,
+        "rounds": per_round,
+        **{k: str(v) if isinstance(v, Path) else v for k, v in info.items()},
+    }
+
+
+def format_overhead(result: dict[str, Any]) -> str:
+    lines = [f"model {result['model']} ({result['params'] / 1e6:.1f} M parameters, "
+             f"{result['model_bytes'] / 1e6:.1f} MB), {result['sites']} sites, "
+             f"{result['iterations']} iterations per round",
+             "round  wall_s  compute_s  overhead_s  MB/site"]
+    for p in result["rounds"]:
+        lines.append(f"{p['round']:>5}  {p['round_s']:6.2f}  {p['compute_s']:9.2f}  {p['overhead_s']:10.2f}  "
+                     f"{p['bytes_per_site'] / 1e6:7.1f}")
+    lines.append(f"median: round {result['round_s_median']:.2f} s, compute {result['compute_s_median']:.2f} s, "
+                 f"overhead {result['overhead_s_median']:.2f} s; bytes per site per round "
+                 f"{result['bytes_ratio']:.2f} x the model")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""``fednnunet bench ...``: the performance benchmarks, printed for people or as JSON (issue 6)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def _emit(args: argparse.Namespace, name: str, result, text: str) -> None:
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+
+
+def cmd_overhead(args: argparse.Namespace) -> int:
+    from fednnunet.bench import bench_overhead, format_overhead
+
+    result = bench_overhead(sites=args.sites, rounds=args.rounds, model=args.model, iterations=args.iterations,
+                            work=Path(args.work) if args.work else None)
+    _emit(args, f"overhead-{args.model}", result, format_overhead(result))
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from fednnunet.bench import bench_aggregate, format_aggregate_table
+
+    sites = [int(k) for k in args.sites.split(",")]
+    rows = bench_aggregate(sites=sites, params=float(args.params), repeats=args.repeats,
+                           modes=tuple(args.modes.split(",")))
+    _emit(args, "aggregate", rows, format_aggregate_table(rows))
+    return 0
+
+
+def cmd_planning(args: argparse.Namespace) -> int:
+    from fednnunet.bench import bench_planning, format_planning
+
+    result = bench_planning(sites=args.sites, work=Path(args.work) if args.work else None)
+    _emit(args, "planning", result, format_planning(result))
+    return 0
+
+
+def cmd_all(args: argparse.Namespace) -> int:
+    """Every benchmark at the sizes reported in BENCHMARKS.md (`make bench`)."""
+    started = time.time()
+    base = vars(args)
+    steps = [
+        (cmd_aggregate, dict(sites="2,4,8,16,32,64", params="30e6", repeats=3, modes="ffe,asym,asym_stream")),
+        (cmd_planning, dict(sites=3, work=None)),
+        (cmd_overhead, dict(sites=3, rounds=5, model="tiny", iterations=2, work=None)),
+        (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, work=None)),
+    ]
+    for fn, extra in steps:
+        print(f"--- {fn.__name__[4:]} {extra} ({time.time() - started:.0f} s elapsed)", flush=True)
+        fn(argparse.Namespace(**{**base, **extra}))
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("bench", help="performance benchmarks (not part of the tests; they print numbers)")
+    bench = p.add_subparsers(dest="bench", required=True)
+
+    def common(b: argparse.ArgumentParser) -> None:
+        b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+        b.add_argument("--out", help="also write the result as JSON into this folder")
+
+    b = bench.add_parser("overhead", help="per-round overhead and bytes of a real loopback federation")
+    b.add_argument("--sites", type=int, default=3)
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--model", choices=("tiny", "30m"), default="tiny")
+    b.add_argument("--iterations", type=int, default=2, help="training iterations per round")
+    b.add_argument("--work", help="work folder (default: a new temporary folder)")
+    common(b)
+    b.set_defaults(func=cmd_overhead)
+
+    b = bench.add_parser("aggregate", help="aggregation time and peak memory vs a plain copy")
+    b.add_argument("--sites", default="2,4,8,16,32,64", help="comma-separated K values")
+    b.add_argument("--params", default="30e6")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--modes", default="ffe,asym,asym_stream")
+    common(b)
+    b.set_defaults(func=cmd_aggregate)
+
+    b = bench.add_parser("planning", help="federated plan_and_preprocess vs the slowest site's local planning")
+    b.add_argument("--sites", type=int, default=3)
+    b.add_argument("--work", help="work folder (default: a new temporary folder)")
+    common(b)
+    b.set_defaults(func=cmd_planning)
+
+    b = bench.add_parser("all", help="every benchmark (make bench)")
+    common(b)
+    b.set_defaults(func=cmd_all)
