@@ -341,3 +341,37 @@ def test_killing_a_site_mid_run_does_not_stop_the_run(federation: Path, tmp_path
     assert result["rounds"] == 4 and "901" in result["sites"]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(lines[-1]["sites"]) == ["901"]
+
+
+def test_crash_of_the_whole_federation_then_resume(federation: Path, tmp_path: Path) -> None:
+    """Kill `fednnunet run train` (server and sites) after round 2 of 4; `--resume` continues at round 3 and
+    ends with 4 rounds, each logged once."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "fednnunet"), "run", "train", "901 902", "2d", "0", "--rounds", "4",
+           "--iterations-per-round", "2", "--val-iterations", "1", "--skip-val", "--da-workers", "0",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            metrics = out / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the launcher stops every process it started
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = load_state(out)
+    assert state is not None and 2 <= int(state["round"]) < 4
+    crashed_at = int(state["round"])
+    res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"resuming after round {crashed_at} of 4" in res.stdout
+    rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4]
+    assert json.loads((out / "result.json").read_text())["rounds"] == 4
