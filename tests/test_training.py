@@ -375,3 +375,22 @@ def test_crash_of_the_whole_federation_then_resume(federation: Path, tmp_path: P
     rounds = [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4]
     assert json.loads((out / "result.json").read_text())["rounds"] == 4
+
+
+def test_float16_transfer_halves_bytes_and_keeps_the_average(tmp_path: Path) -> None:
+    from fednnunet.federation.events import EventLog
+    from fednnunet.federation.training import run_training_task
+
+    shapes = {"1": {"w": (1000,)}, "3": {"w": (1000,)}}
+    results = {}
+    for dtype in ("float32", "float16"):
+        caller = _FakeCaller(shapes, {})
+        out = tmp_path / dtype
+        run_training_task(_job(out, False, transfer_dtype=dtype), caller, EventLog(out / "events.jsonl"))
+        results[dtype] = caller
+        sent = caller.received[3]["1"]["w"]  # what a site received in round 3 (the fake transport counts no bytes)
+        assert sent.dtype == np.dtype(dtype) and sent.nbytes == 1000 * np.dtype(dtype).itemsize
+    np.testing.assert_allclose(results["float16"].received[3]["1"]["w"], results["float32"].received[3]["1"]["w"],
+                               rtol=1e-3)
+    saved = load_models(tmp_path / "float16", load_state(tmp_path / "float16"))["global"]["w"]
+    assert saved.dtype == np.float32  # the server keeps the model in its own precision

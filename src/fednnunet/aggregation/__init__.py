@@ -16,6 +16,7 @@ from fednnunet.aggregation.validation import (
     validate_metrics,
     validate_update,
 )
+from fednnunet.aggregation.wire import WIRE_DTYPES, from_wire, to_wire, wire_spec
 
 __all__ = [
     "AsymReport",
@@ -27,4 +28,8 @@ __all__ = [
     "fedavg",
     "validate_metrics",
     "validate_update",
+    "WIRE_DTYPES",
+    "from_wire",
+    "to_wire",
+    "wire_spec",
 ]

@@ -33,8 +33,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fednnunet.aggregation import (ModelSpec, StreamingAverager, UpdateRejected, asym_fedavg, validate_metrics,
-                                   validate_update)
+from fednnunet.aggregation import (WIRE_DTYPES, ModelSpec, StreamingAverager, UpdateRejected, asym_fedavg,
+                                   from_wire, to_wire, validate_metrics, validate_update, wire_spec)
 from fednnunet.federation.events import EventLog
 from fednnunet.federation.job import JobSpec
 from fednnunet.planning.site_planning import write_json_atomic
@@ -84,6 +84,7 @@ class TrainOptions:
     resume: bool = False
     asym_scope: str = "all"
     da_workers: int | None = None
+    transfer_dtype: str = "float32"  # float16 halves the bytes of every round (see aggregation/wire.py)
 
     def __post_init__(self) -> None:
         self.folds = [str(f) for f in self.folds]
@@ -94,6 +95,8 @@ class TrainOptions:
             raise ValueError("at least one fold is needed")
         if self.weighting not in ("cases", "uniform"):
             raise ValueError(f"weighting must be 'cases' or 'uniform', got {self.weighting!r}")
+        if self.transfer_dtype not in WIRE_DTYPES:
+            raise ValueError(f"transfer_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.transfer_dtype!r}")
         if self.asym_scope not in ("all", "any"):
             raise ValueError(f"asym_scope must be 'all' or 'any', got {self.asym_scope!r}")
         for name in ("rounds", "iterations_per_round", "val_iterations", "epochs_per_round", "min_sites"):
@@ -348,7 +351,7 @@ class _FoldRun:
             self._reinit(needs_init)
             t0 = time.perf_counter()
             targets = [s for s in sites if s not in needs_init]
-            payload = {s: models[s if asym else "global"] for s in targets}
+            payload = {s: to_wire(models[s if asym else "global"], opts.transfer_dtype) for s in targets}
             configs = {s: {"round": r, "epoch_end": r * epochs_per_round} for s in targets}
             traffic = self.caller.traffic
             before = {x: (traffic.sent.get(x, 0), traffic.received.get(x, 0)) for x in targets}
@@ -361,12 +364,12 @@ class _FoldRun:
             for s in sorted(replies):
                 result, update = replies[s]
                 try:
-                    validate_update(update, specs[s])
+                    validate_update(update, wire_spec(specs[s], opts.transfer_dtype))
                     _metrics_ok(result.get("metrics"))
                 except UpdateRejected as err:
                     errors[s] = f"update rejected: {err}"
                     continue
-                accepted[s] = update
+                accepted[s] = from_wire(update, specs[s])
                 metrics[s] = dict(result["metrics"])
             for s, reason in sorted(errors.items()):
                 events.emit("left_out", f"round {r}: site {s} left out: {reason}", round=r, site=s, reason=reason)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fednnunet.aggregation import ModelSpec, validate_update
+from fednnunet.aggregation import ModelSpec, from_wire, to_wire, validate_update, wire_spec
 from fednnunet.site.trainer import SiteTrainer, load_trainer_class
 from fednnunet.site.weights import unique_tensors, unwrap
 
@@ -77,6 +77,7 @@ class TrainingSession:
         rounds = config.get("rounds")
         epochs_per_round = int(config.get("epochs_per_round", 1))
         self.epochs_per_round = epochs_per_round
+        self.transfer_dtype = str(config.get("transfer_dtype", "float32"))
         self.trainer = SiteTrainer(
             dataset, config["configuration"], config.get("fold", 0),
             trainer_name=config.get("trainer", "nnUNetTrainer"),
@@ -126,9 +127,9 @@ class TrainingSession:
             return self._replay(int(epoch_end))
         if arrays:
             # What arrives from the network is checked like the server checks site updates: exactly this
-            # network's parameters, shapes and dtypes, finite values.
-            validate_update(arrays, self.spec)
-            t.set_weights(arrays)
+            # network's parameters, shapes and dtypes (as sent), finite values.
+            validate_update(arrays, wire_spec(self.spec, self.transfer_dtype))
+            t.set_weights(from_wire(arrays, self.spec))
         remaining = t.num_epochs - t.current_epoch
         epochs = min(int(config.get("epochs", self.epochs_per_round)), remaining)
         if epochs < 1:
@@ -147,7 +148,7 @@ class TrainingSession:
         for key in ("train_loss", "val_loss", "mean_fg_dice", "ema_fg_dice", "lr"):
             metrics[key] = _clean(metrics[key])
         metrics["epochs"] = epochs
-        return {"metrics": metrics}, t.get_weights()
+        return {"metrics": metrics}, to_wire(t.get_weights(), self.transfer_dtype)
 
     def _replay(self, epoch_end: int) -> tuple[dict[str, Any], Arrays]:
         """Answer a round this site already trained before a crash, without training it again.
@@ -177,7 +178,7 @@ class TrainingSession:
                    "epoch": t.current_epoch, "epochs": 0, "replayed": True}
         logger.info("round ending at epoch %d was already trained here before a restart: replaying its weights",
                     epoch_end)
-        return {"metrics": metrics}, t.get_weights()
+        return {"metrics": metrics}, to_wire(t.get_weights(), self.transfer_dtype)
 
     def finish(self, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Write the final model as ``checkpoint_final.pth`` and run nnU-Net's final validation unless disabled."""
