@@ -141,3 +141,13 @@ def test_missing_environment_is_named(tmp_path):
                          env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert "nnUNet_raw, nnUNet_preprocessed, nnUNet_results" in res.stderr
+
+
+def test_site_refuses_a_job_it_was_not_started_for():
+    from fednnunet.site.worker import SiteWorker
+
+    worker = SiteWorker("s1", "901", task="train", train_expect=("2d", ["0", "1"]))
+    body, _ = worker.handle({"op": "train_init", "config": {"configuration": "3d_fullres", "fold": "0"}}, {})
+    assert not body["ok"] and "started for 2d fold(s) 0 1 but the server trains 3d_fullres fold 0" in body["error"]
+    body, _ = worker.handle({"op": "describe", "config": {"task": "plan_and_preprocess"}}, {})
+    assert not body["ok"] and "started for task 'train' but the server runs 'plan_and_preprocess'" in body["error"]

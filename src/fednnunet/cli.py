@@ -204,7 +204,8 @@ def cmd_client(args: argparse.Namespace) -> int:
                             root_cert=Path(args.tls_root).resolve() if args.tls_root else None,
                             auth_key=Path(args.auth_key).resolve() if args.auth_key else None, extra_env=env,
                             exit_after_job=True, max_wait_s=args.connect_timeout, task=args.task,
-                            insecure=args.insecure)
+                            insecure=args.insecure, train_expect=(args.configuration, _split_ids(args.fold))
+                            if args.task == "train" else None)
         except FederationError as err:
             raise SystemExit(f"error: {err}") from None
         with node:

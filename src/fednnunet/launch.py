@@ -298,7 +298,7 @@ class SiteNode(ProcessGroup):
     def __init__(self, workdir: Path, site: Site, server: str, *, root_cert: Path | None = None,
                  auth_key: Path | None = None, extra_env: dict[str, str] | None = None,
                  exit_after_job: bool = False, max_wait_s: float | None = None, task: str | None = None,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, train_expect: tuple[str, list[str]] | None = None) -> None:
         super().__init__(workdir, extra_env)
         host, _ = split_address(server)
         if root_cert is None and not insecure and not is_loopback(host):
@@ -310,6 +310,7 @@ class SiteNode(ProcessGroup):
         self.auth_key = auth_key
         self.exit_after_job = exit_after_job
         self.task = task
+        self.train_expect = train_expect
         self.max_wait_s = max_wait_s
         # Unix socket paths are limited to ~100 bytes: keep them in a short temporary folder
         self._sock_dir = Path(tempfile.mkdtemp(prefix="fednn-"))
@@ -323,6 +324,8 @@ class SiteNode(ProcessGroup):
             worker.append("--exit-after-job")
         if self.task:
             worker += ["--task", self.task]
+        if self.train_expect:
+            worker += ["--train-configuration", self.train_expect[0], "--train-folds", *self.train_expect[1]]
         self.worker = self.start_process(f"worker-{self.site.name}", worker, env)
         cmd = [_bin("flower-supernode"), "--superlink", self.server, "--port", str(free_port()),
                "--node-config", f'site-socket="{self.socket}"']

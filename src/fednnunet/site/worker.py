@@ -37,9 +37,11 @@ class SiteError(RuntimeError):
 class SiteWorker:
     """State and operations of one site; each ``op_*`` method answers one message type."""
 
-    def __init__(self, site: str, dataset: str, exit_after_job: bool = False, task: str | None = None) -> None:
+    def __init__(self, site: str, dataset: str, exit_after_job: bool = False, task: str | None = None,
+                 train_expect: tuple[str, list[str]] | None = None) -> None:
         self.site = site
         self.task = task
+        self.train_expect = train_expect  # (configuration, folds) this site was started for, if any
         self.exit_after_job = exit_after_job
         self.exit_requested = False
         self.dataset = dataset
@@ -136,6 +138,11 @@ class SiteWorker:
         """Build this site's trainer for a run (replacing any earlier one) and reply its initial weights."""
         from fednnunet.site.training_session import TrainingSession
 
+        if self.train_expect is not None:
+            configuration, folds = self.train_expect
+            if config.get("configuration") != configuration or str(config.get("fold")) not in folds:
+                raise SiteError(f"site {self.site} was started for {configuration} fold(s) {' '.join(folds)} but "
+                                f"the server trains {config.get('configuration')} fold {config.get('fold')}")
         if self.training is not None:
             self.training.close()
             self.training = None
@@ -184,7 +191,8 @@ class _Handler(socketserver.BaseRequestHandler):
             threading.Thread(target=self.server.shutdown, daemon=True).start()
 
 
-def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = False, task: str | None = None) -> None:
+def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = False, task: str | None = None,
+          train_expect: tuple[str, list[str]] | None = None) -> None:
     """Serve requests on ``socket_path`` until terminated."""
     if os.path.exists(socket_path):
         os.unlink(socket_path)
@@ -193,7 +201,7 @@ def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = Fals
         server = socketserver.UnixStreamServer(socket_path, _Handler)
     finally:
         os.umask(old)
-    server.worker = SiteWorker(site, dataset, exit_after_job, task)  # type: ignore[attr-defined]
+    server.worker = SiteWorker(site, dataset, exit_after_job, task, train_expect)  # type: ignore[attr-defined]
     logger.info("site %s (dataset %s) listening on %s", site, dataset, socket_path)
     try:
         server.serve_forever(poll_interval=0.2)
@@ -211,9 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--exit-after-job", action="store_true", help="exit when the server's job ends")
     parser.add_argument("--task", default=None, help="refuse jobs of another task")
+    parser.add_argument("--train-configuration", default=None, help="refuse training of another configuration")
+    parser.add_argument("--train-folds", nargs="*", default=None, help="refuse training of other folds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.socket, args.site, args.dataset, args.exit_after_job, args.task)
+    expect = None if args.train_configuration is None else (args.train_configuration, list(args.train_folds or []))
+    serve(args.socket, args.site, args.dataset, args.exit_after_job, args.task, expect)
 
 
 if __name__ == "__main__":
