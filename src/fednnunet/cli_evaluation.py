@@ -109,7 +109,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             rounds=args.rounds, iterations_per_round=args.iterations_per_round,
             methods=[m for m in args.methods.replace(" ", ",").split(",") if m], val_iterations=args.val_iterations,
             progress=lambda e: print(format_progress(e), flush=True), command=command)
-    except BenchmarkError as err:
+    except (BenchmarkError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

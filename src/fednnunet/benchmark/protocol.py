@@ -45,6 +45,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -179,7 +180,8 @@ def format_progress(event: dict) -> str:
 
     where = " ".join(f"{k} {event[k]}" for k in ("fold", "round", "site") if event.get(k) not in ("", None))
     head = f"{event.get('method', '')} {where}".strip()
-    return f"[{dur(event.get('elapsed'))} | ETA {dur(event.get('eta'))}] {head}: {event.get('message', '')}"
+    head = f"{head}: " if head else ""
+    return f"[{dur(event.get('elapsed'))} | ETA {dur(event.get('eta'))}] {head}{event.get('message', '')}"
 
 
 # ------------------------------------------------------------------------------------------------ subprocesses
@@ -318,8 +320,12 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
                    f"iterations_per_round={iterations_per_round}, methods={methods})")
     results = build_results(per_method, command, budget, external_sites=[d.key for d in ext])
     results["sites"] = {d.key: {"id": d.id, "dataset": d.name, "external": d in ext} for d in internal + ext}
+    results["predictions"] = {m: {d.key: _prediction_folders(out / m / "predictions", d, d in ext)
+                                  for d in internal + ext} for m in methods}
     write_results_json(results, out / "results.json")
     write_markdown(results, out / "results.md")
+    with open(out / "results.md", "a") as f:
+        f.write(_NOTES.format(out=out))
     plot_dsc(results, out / "dsc.png")
     plot_training_curves(curves, out / "training_curves.png")
     prog(f"wrote {out / 'results.json'}, results.md, dsc.png, training_curves.png in {budget['wall_seconds']:.0f} s")
@@ -390,8 +396,10 @@ class _Context:
     def _train_federated(self, method: str, env: dict[str, str], asym: bool) -> Path:
         ids = " ".join(str(d.id) for d in self.internal)
         self.prog("federated plan_and_preprocess" + (" --asym" if asym else ""), method=method)
-        self._fednnunet(method, env, ["run", "plan_and_preprocess", ids, "-c", self.configuration, "--out",
-                                      str(self._base(method) / "runs" / "plan_and_preprocess"),
+        # --no-check: stock nnUNetv2_plan_and_preprocess (local, centralized) verifies nothing, so the federated
+        # methods skip the per-case check too and every method does the same work.
+        self._fednnunet(method, env, ["run", "plan_and_preprocess", ids, "-c", self.configuration, "--no-check",
+                                      "--out", str(self._base(method) / "runs" / "plan_and_preprocess"),
                                       *(["--asym"] if asym else [])], f"{method}: plan_and_preprocess")
         self._write_splits(method, self.internal)
         first = None
@@ -504,12 +512,39 @@ class _Context:
                  "cases": case_input_files(pooled, pooled_splits(self.splits)[int(fold)]["val"]),
                  "output": str(base / "predictions" / "pooled"), "site": "Pooled"} for fold in self.folds]
         self._predict("centralized", env, jobs + self._ext_jobs("centralized", {"pooled": model}))
-        from fednnunet.evaluation.report import split_by_prefix
-
-        pooled_cases = self._evaluate(base / "predictions" / "pooled", pooled_site)
-        res: dict[str, list] = dict(split_by_prefix(pooled_cases, {d.key: f"s{d.id}_" for d in self.internal}))
+        # The pooled predictions go back to their sites under the sites' own case ids (predictions/<site>/, as
+        # for every other method), so they are scored against the sites' own labels and can be re-scored alike.
+        res: dict[str, list] = {}
+        ending = json.loads((pooled / "dataset.json").read_text())["file_ending"]
+        for d in self.internal:
+            site_dir = base / "predictions" / d.key
+            site_dir.mkdir(parents=True, exist_ok=True)
+            prefix = f"s{d.id}_"
+            for f in sorted((base / "predictions" / "pooled").glob(f"{prefix}*{ending}")):
+                shutil.copyfile(f, site_dir / f.name[len(prefix):])
+            res[d.key] = self._evaluate(site_dir, d)
         res.update(self._evaluate_external("centralized", ["pooled"]))
         return res, curves
+
+
+_NOTES = """
+Notes:
+
+- Internal sites: cross-validation; every case is predicted by the model of the fold that held it out
+  (`<method>/predictions/<site>/`). External sites: all cases, predicted by the ensemble of the trained folds
+  (`<method>/predictions/external/<site>/<model>/`). Local training and AsymFedAvg leave one model per internal
+  site: an external case's DSC / HD95 is then the mean over those models (each model's value is in
+  `results.json`, `per_model`). FFE has one global model, centralized training one pooled model.
+- Predictions without test-time mirroring, the same for every method. Every method trains the same number of
+  epochs (federated rounds) of the same number of iterations per fold.
+- Output folder: `{out}`.
+"""
+
+
+def _prediction_folders(pred_root: Path, d: SiteData, external: bool) -> list[str]:
+    if not external:
+        return [str(pred_root / d.key)]
+    return sorted(str(p) for p in (pred_root / "external" / d.key).glob("*") if p.is_dir())
 
 
 def _combine_models(by_model: dict[str, dict[str, dict]]) -> list[dict]:

@@ -64,9 +64,6 @@ def check_site_cases(site: str, dataset_name: str) -> list[str]:
         if missing:
             problems.append(f"{where}: missing file(s) {', '.join(missing)}")
             continue
-        if len(files["images"]) != num_channels:
-            problems.append(f"{where}: {len(files['images'])} image files for {num_channels} channels")
-            continue
         try:
             rw_class = rw_class or determine_reader_writer_from_dataset_json(dataset_json, files["images"][0])
             rw = rw_class()
@@ -74,6 +71,9 @@ def check_site_cases(site: str, dataset_name: str) -> list[str]:
             seg, seg_props = rw.read_seg(files["label"])
         except Exception as err:  # corrupt files surface as anything from the imaging libraries
             problems.append(f"{where}: cannot read its files ({type(err).__name__}: {err})")
+            continue
+        if images.shape[0] != num_channels:  # one file per channel, or one RGB file holding three
+            problems.append(f"{where}: {images.shape[0]} channel(s) read, dataset.json names {num_channels}")
             continue
         problems += _case_problems(where, images, img_props, seg, seg_props, expected_labels)
     for p in problems:

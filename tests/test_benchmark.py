@@ -1,0 +1,110 @@
+"""The benchmark protocol: split bookkeeping (fast) and ``run_benchmark`` end to end on two built-in synthetic 2D
+sites at a minimal budget (methods local and FFE, fold 0, 1 round of 2 iterations).
+
+The end-to-end run costs about 3 minutes on an idle 2-core CPU (5+ minutes when the machine is busy): stock planning
+of two sites, two tiny trainers, two one-round federations (plan_and_preprocess, train; SuperLink, SuperNodes and
+site workers start-up dominates) and two prediction workers. Centralized and AsymFedAvg are left out of the test to
+stay in that budget (each adds 1-2 minutes); they run the same code paths as local (centralized: stock planning +
+SiteTrainer) and FFE (asym: ``--asym``). All four methods were run by hand on the same synthetic sites (plus a third
+as external site), and local/FFE/centralized on real data (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fednnunet.benchmark.protocol import format_progress, pooled_splits, resolve_sites, run_benchmark, site_splits
+from fednnunet.data.synthetic import write_demo_federation
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench_raw")
+    write_demo_federation(root, first_id=901, sites=2, dim=2, seed=0)
+    return root
+
+
+def test_splits_are_nnunets_and_pooled_is_the_union(raw: Path) -> None:
+    sites = resolve_sites(raw, ["901", "Dataset902_SiteB"])
+    assert [s.key for s in sites] == ["SiteA", "SiteB"]
+    splits = {s.id: site_splits(s.folder) for s in sites}
+    for s in sites:
+        sp = splits[s.id]
+        assert len(sp) == 5
+        cases = sorted(c for f in sp for c in f["val"])
+        assert cases == sorted({c for f in sp for c in f["train"] + f["val"]})  # every case held out exactly once
+        for f in sp:
+            assert not set(f["train"]) & set(f["val"])
+    pooled = pooled_splits(splits)
+    for n, fold in enumerate(pooled):
+        assert fold["val"] == sorted(f"s{i}_{c}" for i in splits for c in splits[i][n]["val"])
+        assert fold["train"] == sorted(f"s{i}_{c}" for i in splits for c in splits[i][n]["train"])
+
+
+def test_progress_line() -> None:
+    line = format_progress({"method": "ffe", "fold": 0, "round": "2/10", "site": "", "message": "x",
+                            "elapsed": 75, "eta": 3605})
+    assert line == "[1m15s | ETA 1h00m] ffe fold 0 round 2/10: x"
+
+
+def test_cli_parses_the_commands() -> None:
+    from fednnunet.cli import build_parser
+
+    a = build_parser().parse_args(["benchmark", "901 902", "-c", "2d", "--external", "903", "--folds", "0 1",
+                                   "--rounds", "3", "--iterations-per-round", "5", "--methods", "local,ffe",
+                                   "--out", "x"])
+    assert (a.sites, a.external, a.folds, a.rounds, a.iterations_per_round, a.methods) == \
+        ("901 902", "903", "0 1", 3, 5, "local,ffe")
+    a = build_parser().parse_args(["evaluate", "-d", "901", "-c", "2d", "-f", "0 1", "--out", "x"])
+    assert a.f == ["0 1"]
+    a = build_parser().parse_args(["convert", "retina-vessels", "src", "--out", "r", "--first-id", "201",
+                                   "--downsample", "4"])
+    assert (a.collection, a.first_id, a.downsample) == ("retina-vessels", 201, 4)
+
+
+def test_benchmark_end_to_end(raw: Path, tmp_path: Path) -> None:
+    from fednnunet.evaluation.report import evaluate_predictions
+
+    events: list[dict] = []
+    out = tmp_path / "bench"
+    results = run_benchmark(raw, ["901", "902"], "2d", out, folds=[0], rounds=1, iterations_per_round=2,
+                            methods=("local", "ffe"), progress=events.append)
+
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["methods"].keys() == {"local", "ffe"}
+    assert on_disk["command"] and on_disk["budget"]["rounds"] == 1 and on_disk["budget"]["iterations_per_round"] == 2
+    splits = {s.key: site_splits(s.folder)[0]["val"] for s in resolve_sites(raw, ["901", "902"])}
+    for method, per_site in on_disk["methods"].items():
+        assert per_site.keys() == {"SiteA", "SiteB"}
+        for site, entry in per_site.items():
+            assert {"dsc", "hd95", "cases", "per_case"} <= entry.keys()
+            assert entry["cases"] == len(entry["per_case"]) == len(splits[site])
+            assert sorted(c["case"] for c in entry["per_case"]) == sorted(splits[site])  # fold 0's held-out cases
+            assert 0.0 <= entry["dsc"] <= 1.0 and math.isfinite(entry["hd95"]) and entry["hd95"] >= 0
+            # an independent evaluation of the saved predictions gives the same numbers
+            d = resolve_sites(raw, [site])[0]
+            again = evaluate_predictions(out / method / "predictions" / site, d.folder / "labelsTr",
+                                         d.folder / "dataset.json")
+            assert again["dsc"] == pytest.approx(entry["dsc"]) and again["hd95"] == pytest.approx(entry["hd95"])
+    assert "ffe_vs_local" in on_disk["wilcoxon"]
+    assert on_disk["wilcoxon"]["ffe_vs_local"]["sites"]["SiteA"]["n"] == len(splits["SiteA"])
+    assert results["methods"]["ffe"]["SiteA"]["dsc"] == pytest.approx(on_disk["methods"]["ffe"]["SiteA"]["dsc"])
+
+    md = (out / "results.md").read_text()
+    assert "| Method | SiteA | SiteB |" in md and "| Local |" in md and "| FFE |" in md and "Wilcoxon" in md
+    for png in ("dsc.png", "training_curves.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    # each method had its own nnU-Net roots: ordinary results folders in both
+    for method in ("local", "ffe"):
+        assert (out / method / "nnUNet_results" / "Dataset901_SiteA" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0"
+                / "checkpoint_final.pth").is_file()
+    # progress: method, site, fold and round, with a time estimate
+    assert any(e["method"] == "ffe" and e["round"] == "1/1" and e["fold"] == 0 for e in events)
+    assert any(e["method"] == "local" and e["site"] == "SiteB" and e["round"] == "1/1" for e in events)
+    assert all("elapsed" in e and "eta" in e for e in events)
