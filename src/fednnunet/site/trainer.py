@@ -107,7 +107,8 @@ class SiteTrainer:
         device: ``"cpu"``, ``"cuda"`` or a ``torch.device``.
         pretrained_weights: nnU-Net checkpoint to initialise from (``-pretrained_weights``; nnU-Net's
             ``load_pretrained_weights``, which skips the segmentation heads). Not with ``continue_training``.
-        continue_training: resume from this site's own ``checkpoint_final.pth``, else ``checkpoint_latest.pth``,
+        continue_training: resume from this site's own ``checkpoint_final.pth`` (or a newer
+            ``checkpoint_latest.pth`` beside it), else ``checkpoint_latest.pth``,
             else ``checkpoint_best.pth`` (``--c``; starts fresh with nnU-Net's warning when none exists).
         export_npz: also save softmax probabilities in the final validation (``--npz``).
         disable_checkpointing: never write checkpoints (``--disable_checkpointing``). Then ``finish`` writes no
@@ -189,8 +190,16 @@ class SiteTrainer:
         if val_iterations is not None:
             trainer.num_val_iterations_per_epoch = val_iterations
 
-        maybe_load_checkpoint(trainer, bool(continue_training), False,
-                              None if pretrained_weights is None else os.fspath(pretrained_weights))
+        latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
+        final = Path(trainer.output_folder) / "checkpoint_final.pth"
+        if (continue_training and latest.is_file() and final.is_file()
+                and latest.stat().st_mtime > final.stat().st_mtime):
+            # nnU-Net's --c prefers checkpoint_final.pth; a newer checkpoint_latest.pth beside it means a later
+            # run in this folder crashed after an earlier one had finished: resume the later run.
+            trainer.load_checkpoint(str(latest))
+        else:
+            maybe_load_checkpoint(trainer, bool(continue_training), False,
+                                  None if pretrained_weights is None else os.fspath(pretrained_weights))
         if self.device.type == "cuda":  # as run_training
             torch.backends.cudnn.deterministic = False
             torch.backends.cudnn.benchmark = True
