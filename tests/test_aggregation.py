@@ -223,3 +223,219 @@ def test_asym_dtype_kind_mismatch_is_not_averaged() -> None:
     np.testing.assert_array_equal(out["a"]["x"], np.full(3, 0.5, np.float32))
     assert out["a"]["n"] is a["n"] and out["b"]["n"] is b["n"]
     assert report.sites["a"].local_names == ("n",)
+
+
+# ------------------------------------------------------------------------- streaming, reuse, out=
+
+
+def _naive(ups: list[dict[str, np.ndarray]], ws: list[float], name: str) -> np.ndarray:
+    """The promised arithmetic, spelled out: ((w1 x1 + w2 x2) + ...) / W in float64, cast back."""
+    dtype = ups[0][name].dtype
+    if len(ups) == 1:
+        return ups[0][name].astype(dtype)
+    acc = ws[0] * ups[0][name].astype(np.float64)
+    for u, w in zip(ups[1:], ws[1:]):
+        acc = acc + w * u[name].astype(np.float64)
+    return (acc / sum(ws)).astype(dtype)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 18])
+def test_streaming_is_bitwise_the_naive_float64_sum_for_every_k(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """K = 1 (own values), 2 (fused in result), 3+ (sums folded one add late): always the same arithmetic."""
+    monkeypatch.setattr(fedavg_module, "_CHUNK", chunk)
+    rng = np.random.default_rng(10)
+
+    def up() -> dict[str, np.ndarray]:
+        return {"f32": rng.standard_normal((6, 9)).astype(np.float32),
+                "f64": rng.standard_normal(40),  # float64 parameters are computed straight into the output
+                "f16": rng.standard_normal(13).astype(np.float16),
+                "strided": rng.standard_normal((5, 22)).astype(np.float32)[:, ::2]}
+
+    ups = [up() for _ in range(6)]
+    ws = [0.3, 7.0, 1.0 / 3.0, 2.5, 11.0, 0.1]
+    for k in range(1, 7):
+        avg = StreamingAverager()
+        for u, w in zip(ups[:k], ws[:k]):
+            avg.add(u, w)
+        out = avg.result()
+        for name in ups[0]:
+            assert out[name].dtype == ups[0][name].dtype
+            assert out[name].tobytes() == _naive(ups[:k], ws[:k], name).tobytes(), (k, name)
+
+
+def test_reset_reuses_the_sums_and_gives_a_fresh_averagers_result() -> None:
+    rng = np.random.default_rng(11)
+    rounds = [[_model(rng) for _ in range(k)] for k in (4, 2, 1, 5)]
+    reused = StreamingAverager()
+    sums = None
+    for ups in rounds:
+        ws = [float(rng.integers(1, 50)) for _ in ups]
+        reused.reset()
+        fresh = StreamingAverager()
+        for u, w in zip(ups, ws):
+            reused.add(u, w)
+            fresh.add(u, w)
+        assert reused.num_updates == len(ups) and reused.total_weight == sum(ws)
+        a, b = reused.result(), fresh.result()
+        assert a.keys() == b.keys()
+        assert all(a[n].dtype == b[n].dtype and a[n].tobytes() == b[n].tobytes() for n in a)
+        if len(ups) > 2:  # sums were written: the same arrays as in the earlier round with sums
+            if sums is not None:
+                assert all(reused._acc[n] is sums[n] for n in sums)
+            sums = dict(reused._acc)
+    # a different model after reset: new sums where the shape changed, no error
+    reused.reset()
+    for _ in range(3):
+        reused.add({"x": np.ones(3, np.float32)}, 1.0)
+    np.testing.assert_array_equal(reused.result()["x"], np.ones(3, np.float32))
+
+
+def test_result_into_preallocated_out() -> None:
+    rng = np.random.default_rng(12)
+    ups = [_model(rng) for _ in range(3)]
+    ws = [1.0, 2.0, 5.0]
+    avg = StreamingAverager()
+    for u, w in zip(ups, ws):
+        avg.add(u, w)
+    expect = avg.result()
+    out = {n: np.full_like(a, 7) for n, a in ups[0].items()}
+    got = avg.result(out=out)
+    assert list(got) == list(expect)
+    for name in expect:
+        assert got[name] is out[name]  # written in place, not a new array
+        assert got[name].tobytes() == expect[name].tobytes()
+    # a wider or narrower float dtype, and a non-contiguous destination, are written correctly too
+    wide = {n: np.empty(a.shape, np.float64 if a.dtype.kind == "f" else a.dtype) for n, a in ups[0].items()}
+    avg.result(out=wide)
+    name = "encoder.stages.2.conv.weight"
+    np.testing.assert_allclose(wide[name], expect[name], rtol=1e-6)
+    strided = dict(out, **{name: np.zeros(ups[0][name].shape[::-1], np.float32).T})  # a transposed view
+    avg.result(out=strided)
+    np.testing.assert_array_equal(strided[name], expect[name])
+    with pytest.raises(ValueError, match="lacks"):
+        avg.result(out={})
+    with pytest.raises(ValueError, match="shape"):
+        avg.result(out=dict(out, **{name: np.zeros(3, np.float32)}))
+    with pytest.raises(ValueError, match="not both"):
+        avg.result(dtype_like=out, out=out)
+    # one update: its exact values, into out too
+    one = StreamingAverager()
+    one.add(ups[0], 0.37)
+    dest = {n: np.empty_like(a) for n, a in ups[0].items()}
+    assert all(one.result(out=dest)[n].tobytes() == a.tobytes() for n, a in ups[0].items())
+
+
+def test_streaming_keeps_at_most_two_updates_alive() -> None:
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(13)
+    avg = StreamingAverager()
+    refs = []
+    for i in range(6):
+        arr = rng.standard_normal(100).astype(np.float32)
+        refs.append(weakref.ref(arr))
+        avg.add({"x": arr}, 1.0 + i)
+        del arr
+        gc.collect()
+        alive = [r() is not None for r in refs]
+        assert sum(alive) <= 2 and alive[-1]  # the latest one is still needed
+    avg.reset()
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+# ------------------------------------------------------------------------------ StreamingAsymAverager
+
+
+def _same(a: dict, b: dict) -> None:
+    """Two asym results: same sites, keys, dtypes and bytes; the same local objects."""
+    assert list(a) == list(b)
+    for site in a:
+        assert list(a[site]) == list(b[site])
+        for name in a[site]:
+            assert a[site][name].dtype == b[site][name].dtype
+            assert a[site][name].tobytes() == b[site][name].tobytes(), (site, name)
+
+
+@pytest.mark.parametrize("scope", ["all", "any"])
+def test_streaming_asym_equals_asym_fedavg_for_every_subset_and_order(asym_sites, scope) -> None:
+    import itertools
+
+    from fednnunet.aggregation import ModelSpec, StreamingAsymAverager
+
+    sites = dict(asym_sites, D=_model(np.random.default_rng(9), 5, 1))
+    weights = dict(WEIGHTS, D=0.7)
+    agg = StreamingAsymAverager({s: ModelSpec.of(u) for s, u in sites.items()}, scope)
+    for r in range(1, len(sites) + 1):
+        for order in itertools.permutations(sites, r):
+            agg.reset()
+            for s in order:
+                agg.add(s, sites[s], weights[s])
+            assert agg.added == order
+            got, report = agg.result()
+            expected, expected_report = asym_fedavg({s: sites[s] for s in order}, {s: weights[s] for s in order},
+                                                    scope)
+            _same(got, expected)
+            assert report == expected_report
+            for s in order:  # kept-local parameters are the site's own objects
+                for name in report.sites[s].local_names:
+                    assert got[s][name] is sites[s][name]
+            # the averages are the naive float64 sums over exactly the sites in the group, in add order
+            for s in order:
+                for name in set(sites[s]) - set(report.sites[s].local_names) - {"norm.num_batches_tracked"}:
+                    members = [m for m in order if name in sites[m] and sites[m][name].shape == sites[s][name].shape]
+                    ref = _naive([sites[m] for m in members], [weights[m] for m in members], name)
+                    assert got[s][name].tobytes() == ref.tobytes()
+
+
+def test_streaming_asym_left_out_sites(asym_sites) -> None:
+    from fednnunet.aggregation import ModelSpec, StreamingAsymAverager
+
+    specs = {s: ModelSpec.of(u) for s, u in asym_sites.items()}
+    # scope "all": with B (the odd first conv) left out, A and C average their first conv too
+    agg = StreamingAsymAverager(specs, "all")
+    agg.add("A", asym_sites["A"], WEIGHTS["A"])
+    agg.add("C", asym_sites["C"], WEIGHTS["C"])
+    out, report = agg.result()
+    assert set(out) == {"A", "C"} and report.sites["A"].params_local == 0
+    np.testing.assert_allclose(out["A"][FIRST_CONV], _weighted(asym_sites, ["A", "C"], FIRST_CONV), rtol=1e-6)
+    assert out["A"][FIRST_CONV] is out["C"][FIRST_CONV]
+    # scope "any", A left out: the first conv of B and of C each have a group of one added site
+    agg = StreamingAsymAverager(specs, "any")
+    agg.add("B", asym_sites["B"], WEIGHTS["B"])
+    agg.add("C", asym_sites["C"], WEIGHTS["C"])
+    out, report = agg.result()
+    assert out["C"][FIRST_CONV] is asym_sites["C"][FIRST_CONV]
+    assert out["B"][FIRST_CONV] is asym_sites["B"][FIRST_CONV]
+    assert set(report.sites["C"].local_names) == {FIRST_CONV}
+    # a single site added: its own model, nothing averaged
+    agg.reset()
+    agg.add("B", asym_sites["B"], WEIGHTS["B"])
+    out, report = agg.result()
+    assert all(out["B"][n] is a for n, a in asym_sites["B"].items())
+    assert report.sites["B"].fraction_averaged == 0.0
+
+
+def test_streaming_asym_errors(asym_sites) -> None:
+    from fednnunet.aggregation import ModelSpec, StreamingAsymAverager
+
+    specs = {s: ModelSpec.of(u) for s, u in asym_sites.items()}
+    with pytest.raises(ValueError, match="scope"):
+        StreamingAsymAverager(specs, "some")  # type: ignore[arg-type]
+    agg = StreamingAsymAverager(specs)
+    with pytest.raises(ValueError, match="no updates"):
+        agg.result()
+    with pytest.raises(ValueError, match="unknown site"):
+        agg.add("Z", asym_sites["A"], 1.0)
+    with pytest.raises(ValueError, match="missing"):
+        agg.add("A", asym_sites["B"], 1.0)  # B's model is not A's
+    wrong = dict(asym_sites["A"], **{FIRST_CONV: asym_sites["B"][FIRST_CONV]})
+    with pytest.raises(ValueError, match="spec"):
+        agg.add("A", wrong, 1.0)
+    with pytest.raises(ValueError, match="weight"):
+        agg.add("A", asym_sites["A"], -1.0)
+    assert agg.added == ()  # nothing was added by the failed calls
+    agg.add("A", asym_sites["A"], 1.0)
+    with pytest.raises(ValueError, match="already added"):
+        agg.add("A", asym_sites["A"], 1.0)

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
@@ -320,30 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=10, help="training iterations per round")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("run", help="one-machine federation: a SuperLink and one SuperNode + site worker per dataset")
-    run_sub = p.add_subparsers(dest="task", required=True)
-    for task, text in TASK_HELP.items():
-        t = run_sub.add_parser(task, help=text)
+    for task, t in _task_parsers(sub, "run", cmd_run,
+                                 "one-machine federation: a SuperLink and one SuperNode + site worker per dataset"):
         t.add_argument("datasets", help='dataset ids, one per site, e.g. "901 902 903"')
         _add_task_options(t, task)
-        t.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("server", help="the coordinating server of a multi-machine federation (SuperLink + job)")
-    server_sub = p.add_subparsers(dest="task", required=True)
-    for task, text in TASK_HELP.items():
-        t = server_sub.add_parser(task, help=text)
+    for task, t in _task_parsers(sub, "server", cmd_server,
+                                 "the coordinating server of a multi-machine federation (SuperLink + job)"):
         t.add_argument("--num-clients", type=int, required=True, help="sites that must connect")
         t.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT the SuperLink serves on")
         security = t.add_mutually_exclusive_group()
         security.add_argument("--tls-dir", help="folder made by `fednnunet certs` (TLS + registered site keys)")
         security.add_argument("--insecure", action="store_true", help="no TLS, no site authentication")
         _add_task_options(t, task)
-        t.set_defaults(func=cmd_server)
 
-    p = sub.add_parser("client", help="one site of a multi-machine federation (SuperNode + site worker)")
-    client_sub = p.add_subparsers(dest="task", required=True)
-    for task, text in TASK_HELP.items():
-        t = client_sub.add_parser(task, help=text)
+    for task, t in _task_parsers(sub, "client", cmd_client,
+                                 "one site of a multi-machine federation (SuperNode + site worker)"):
         t.add_argument("dataset", help="this site's nnU-Net dataset id or name")
         if task == "train":
             t.add_argument("configuration", help="must match the server's")
@@ -357,7 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--da-workers", type=int, default=None, help="nnUNet_n_proc_DA at this site")
         t.add_argument("--connect-timeout", type=float, default=300.0,
                        help="seconds to keep trying to reach the server")
-        t.set_defaults(func=cmd_client)
 
     p = sub.add_parser("certs", help="a CA, a server certificate and one key pair per site")
     p.add_argument("--out", required=True, help="folder to create")
@@ -377,6 +368,16 @@ TASK_HELP = {
     "plan_and_preprocess": "fingerprint, plan and preprocess at every site",
     "train": "federated nnU-Net training (FedAvg on FFE plans, or --asym AsymFedAvg)",
 }
+
+
+def _task_parsers(sub: Any, command: str, func: Callable[[argparse.Namespace], int],
+                  text: str) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """``command TASK`` for each federated task (run, server and client take the same three tasks)."""
+    task_sub = sub.add_parser(command, help=text).add_subparsers(dest="task", required=True)
+    for task, task_text in TASK_HELP.items():
+        t = task_sub.add_parser(task, help=task_text)
+        t.set_defaults(func=func)
+        yield task, t
 
 
 def _add_task_options(t: argparse.ArgumentParser, task: str) -> None:

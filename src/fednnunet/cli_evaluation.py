@@ -160,7 +160,8 @@ def add_commands(sub) -> None:
     p.add_argument("--rounds", type=int, default=10, help="epochs (federated rounds) per fold, every method")
     p.add_argument("--iterations-per-round", type=int, default=250, help="training iterations per epoch")
     p.add_argument("--val-iterations", type=int, default=None, help="online validation iterations per epoch")
-    p.add_argument("--methods", default="local,centralized,ffe,asym")
+    p.add_argument("--methods", default="local,centralized,ffe,asym",
+                   help="comma separated: local, centralized, ffe, asym; also ffe16 (FFE with 16-bit transfer)")
     p.add_argument("--raw", help="nnU-Net raw folder of the sites (default: $nnUNet_raw); never written")
     p.add_argument("--out", required=True, help="output folder (each method gets its own nnU-Net roots inside)")
     p.set_defaults(func=cmd_benchmark)

@@ -6,6 +6,7 @@ Updates are ``dict[str, np.ndarray]`` (parameter name -> array, alias keys alrea
 from fednnunet.aggregation.fedavg import (
     AsymReport,
     SiteAsymStats,
+    StreamingAsymAverager,
     StreamingAverager,
     asym_fedavg,
     fedavg,
@@ -22,6 +23,7 @@ __all__ = [
     "AsymReport",
     "ModelSpec",
     "SiteAsymStats",
+    "StreamingAsymAverager",
     "StreamingAverager",
     "UpdateRejected",
     "asym_fedavg",

@@ -1,33 +1,41 @@
 """Aggregation at scale: time and server peak memory to aggregate K site updates (issue 6, item 2).
 
-What is measured is the project's own aggregation code, the way the server calls it:
+What is measured is the project's own aggregation code, the way a server calls it:
 
-* ``ffe``: FedAvg with :class:`~fednnunet.aggregation.StreamingAverager`, updates added one at a time
-  as they arrive, then :meth:`~fednnunet.aggregation.StreamingAverager.result` (as
-  ``federation/training.py`` does for FFE runs).
-* ``asym``: :func:`~fednnunet.aggregation.asym_fedavg` called once with a dict of all K updates (as the
-  server does for ``--asym`` runs). A quarter of the sites (at least one) have a different network for a
-  few layers (an anisotropic site: kernel (1, 3, 3) in the two highest-resolution stages and stride
-  (1, 2, 2) in the second), so not everything matches.
-* ``asym_stream`` (not in the default modes): a prototype of a *streaming* AsymFedAvg, built only from
-  :class:`~fednnunet.aggregation.StreamingAverager` and ``asym_fedavg``'s own grouping rule, fed one
-  update at a time. It shows what the proposed API change (see :class:`StreamingAsymPrototype`) gives.
+* ``ffe``: FedAvg with :class:`~fednnunet.aggregation.StreamingAverager`, updates added one at a time as
+  they arrive, then :meth:`~fednnunet.aggregation.StreamingAverager.result`.
+* ``asym_stream``: AsymFedAvg with :class:`~fednnunet.aggregation.StreamingAsymAverager` (groups fixed
+  from every site's ``ModelSpec``), updates added one at a time as they arrive, then ``result()``.
+* ``asym``: :func:`~fednnunet.aggregation.asym_fedavg` called once with a dict of all K updates (the
+  all-at-once API, for comparison: it needs every update in memory at the same time).
 
-How memory is kept honest: there are never K distinct full updates in memory unless the API under test
-needs them. For ``ffe``/``asym_stream`` each site's update is generated on the fly into one reusable buffer
-(a fixed random base scaled by ``1 + 1e-3 k``: a full write of the buffer, untimed), so tracemalloc sees
-only what the aggregator allocates. ``asym_fedavg`` takes all updates at once; by default
-(``asym_inputs="shared"``) the K input dicts share the arrays of two base updates (one per network
-variant), so its own allocations are measured, and ``inputs_held_mb`` reports what the API forces a real
-server to hold (K decoded updates). ``asym_inputs="distinct"`` builds K real copies inside the traced
-window instead, to show that growth measured (use small K: it needs K x update bytes of RAM).
+For the AsymFedAvg modes a quarter of the sites (at least one) have a different network for a few layers
+(an anisotropic site: kernel (1, 3, 3) in the two highest-resolution stages and stride (1, 2, 2) in the
+second), so not everything matches.
 
-Peak memory is measured with :mod:`tracemalloc` (numpy reports its array allocations to it) as the peak
-above the memory in use just before the aggregation starts; the in-flight update buffer (and the
-shared inputs) exist before that point, so ``peak_mb`` is the aggregator's own growth. Timing runs
-outside tracemalloc, ``repeats`` times; the best repeat is reported for the aggregation and for the
-baseline (a plain ``np.copyto`` of the same K x update bytes into a preallocated update-sized buffer, with
-the same untimed refill between sites), so the ratio compares like with like in the same run.
+Rounds. A server keeps its aggregator from round to round (``reset()`` between rounds) and, for FFE, writes
+the result into a preallocated model (``result(out=...)``). ``aggregate_s`` is the best of ``repeats`` such
+steady-state rounds (K adds + result); ``first_round_s`` is the round of a new aggregator (fresh float64
+sums, fresh result arrays), reported separately.
+
+Updates arrive as new arrays (``base * (1 + 1e-3 k)``, computed untimed, like a decoded message), not in a
+reused buffer: the streaming aggregators keep references to what they still need (FedAvg: the latest
+update, or the first two; AsymFedAvg also each site's possibly-local layers) instead of copying, so a
+reused buffer would be wrong and would hide that memory.
+
+Memory is measured with :mod:`tracemalloc` (numpy reports its array allocations to it) as the peak
+above the memory in use just before the round starts. For the streaming modes the updates are created
+inside that window, so ``server_mb`` is everything the round needs (updates in flight included) and
+``peak_mb`` = ``server_mb`` minus the one update being received (the aggregator's own growth, comparable
+to the all-at-once mode); ``peak_mb`` is for a first round (the most memory), ``steady_peak_mb`` for a
+later one (reused sums; FFE result into the preallocated model). For ``asym_fedavg`` by default
+(``asym_inputs="shared"``) the K input dicts share the arrays of two base updates, built before the window,
+so ``peak_mb`` is its own growth and ``inputs_held_mb`` what the API forces a real server to hold (K
+decoded updates); ``asym_inputs="distinct"`` builds K real copies inside the window instead (use small K).
+
+Baseline: a plain ``np.copyto`` of the same K updates (same sizes, arriving the same way, untimed) into a
+preallocated update-sized buffer, timed in the same run; the best of ``repeats`` passes, so
+``ratio`` = ``aggregate_s`` / ``copy_s`` compares like with like.
 """
 
 from __future__ import annotations
@@ -36,20 +44,20 @@ import gc
 import math
 import time
 import tracemalloc
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from fednnunet.aggregation import ModelSpec, StreamingAverager, asym_fedavg, validate_update
-from fednnunet.aggregation.fedavg import _compatible_groups
+from fednnunet.aggregation import (ModelSpec, StreamingAsymAverager, StreamingAverager, asym_fedavg,
+                                   validate_update)
 
-__all__ = ["StreamingAsymPrototype", "bench_aggregate", "format_aggregate_table", "model_shapes"]
+__all__ = ["bench_aggregate", "format_aggregate_table", "model_shapes"]
 
 Update = dict[str, np.ndarray]
 Shapes = dict[str, tuple[int, ...]]
 
-MODES = ("ffe", "asym", "asym_stream")
+MODES = ("ffe", "asym_stream", "asym")
 
 # nnU-Net 3d_fullres PlainConvUNet of a typical dataset: 6 stages, 2 convs per stage (encoder and decoder),
 # InstanceNorm with affine, conv bias, deep supervision (a 1x1x1 seg layer per decoder stage), 1 input channel
@@ -133,12 +141,14 @@ def _random_update(shapes: Shapes, seed: int, reuse: Mapping[str, np.ndarray] | 
     return out
 
 
-def _fill(buf: Update, base: Mapping[str, np.ndarray], k: int) -> Update:
-    """Write site ``k``'s update into ``buf`` (``base * (1 + 1e-3 k)``), allocating nothing."""
+def _arrive(base: Mapping[str, np.ndarray], k: int) -> Update:
+    """Site ``k``'s update as the server gets it: new arrays (``base * (1 + 1e-3 k)``), like a decoded message.
+
+    New arrays, not a reused buffer: the aggregators keep references to added arrays (the first update until
+    the second arrives, a site's possibly-local layers until the result), as a real server's would.
+    """
     factor = np.float32(1.0 + 1e-3 * k)
-    for name, arr in base.items():
-        np.multiply(arr, factor, out=buf[name])
-    return buf
+    return {name: np.multiply(arr, factor) for name, arr in base.items()}
 
 
 def _nbytes(update: Mapping[str, np.ndarray]) -> int:
@@ -166,58 +176,13 @@ def _peak_growth(fn: Callable[[], Any]) -> tuple[Any, int]:
             tracemalloc.stop()
 
 
-class StreamingAsymPrototype:
-    """Prototype of the proposed streaming AsymFedAvg API (benchmark only; not used by the server).
-
-    ``asym_fedavg(updates, weights, scope)`` needs every site's update at once. Its grouping only needs
-    names, shapes and dtypes, which the server knows before the round (the ``ModelSpec`` of every site from
-    ``train_init``). So the groups can be fixed up front and each update added as it arrives, one
-    :class:`StreamingAverager` per group, exactly as ``asym_fedavg`` does internally::
-
-        agg = StreamingAsymPrototype({site: spec, ...}, scope="all")
-        for site, update, weight in arriving:      # one update in memory at a time
-            agg.add(site, update, weight)
-        averaged = agg.result()                    # {site: {name: averaged array}} (arrays shared in a group)
-        # every site keeps its own values for the other names (the server already holds them, or need not)
-    """
-
-    def __init__(self, specs: Mapping[Hashable, ModelSpec], scope: str = "all") -> None:
-        if scope not in ("all", "any"):
-            raise ValueError(f"scope must be 'all' or 'any', got {scope!r}")
-        # Zero-byte stand-ins with the right shape and dtype: the grouping rule only looks at those.
-        stubs = {site: {name: np.broadcast_to(np.zeros((), dtype=np.dtype(dt)), shape)
-                        for name, (shape, dt) in spec.params.items()}
-                 for site, spec in specs.items()}
-        self.groups = _compatible_groups(stubs, scope)  # type: ignore[arg-type]
-        self._averagers = {members: StreamingAverager() for members in self.groups}
-        self._groups_of: dict[Hashable, list[tuple[Hashable, ...]]] = {site: [] for site in specs}
-        for members in self.groups:
-            for site in members:
-                self._groups_of[site].append(members)
-
-    def add(self, site: Hashable, update: Mapping[str, np.ndarray], weight: float) -> None:
-        """Accumulate one site's update; the caller may reuse or drop it as soon as this returns."""
-        for members in self._groups_of[site]:
-            self._averagers[members].add({name: update[name] for name in self.groups[members]}, weight)
-
-    def result(self) -> dict[Hashable, Update]:
-        """Averaged arrays per site (only its averaged names); one array object per group, shared."""
-        out: dict[Hashable, Update] = {site: {} for site in self._groups_of}
-        for members, averager in self._averagers.items():
-            if averager.num_updates:
-                res = averager.result()
-                for site in members:
-                    out[site].update(res)
-        return out
-
-
 def _variant_sites(k: int) -> set[int]:
     """A quarter of ``k`` sites (at least one), spread out: the last, then every fourth from the end."""
     return {k - 1 - 4 * i for i in range(max(1, k // 4))}
 
 
-def _bench_one(mode: str, k: int, base_a: Update, base_b: Update, buf_a: Update, buf_b: Update,
-               dst_a: Update, dst_b: Update, repeats: int, asym_scope: str, asym_inputs: str) -> dict[str, Any]:
+def _bench_one(mode: str, k: int, base_a: Update, base_b: Update, dst_a: Update, dst_b: Update, repeats: int,
+               asym_scope: str, asym_inputs: str) -> dict[str, Any]:
     weights = [float(5 + i % 7) for i in range(k)]  # "cases per site", so the average is weighted
     variant = _variant_sites(k) if mode != "ffe" else set()
     sites = [f"site{i:02d}" for i in range(k)]
@@ -230,90 +195,114 @@ def _bench_one(mode: str, k: int, base_a: Update, base_b: Update, buf_a: Update,
     def copy_pass() -> float:
         t = 0.0
         for i in range(k):
-            src = _fill(buf_b if i in variant else buf_a, base_of(i), i)
+            src = _arrive(base_of(i), i)  # untimed, as in every pass
             dst = dst_b if i in variant else dst_a
             t0 = time.perf_counter()
             for name, arr in src.items():
                 np.copyto(dst[name], arr)
             t += time.perf_counter() - t0
+            del src
         return t
 
     def validate_pass() -> float:
         t = 0.0
         for i in range(k):
-            src = _fill(buf_b if i in variant else buf_a, base_of(i), i)
+            src = _arrive(base_of(i), i)
             t0 = time.perf_counter()
             validate_update(src, spec_b if i in variant else spec_a)
             t += time.perf_counter() - t0
+            del src
         return t
 
     if mode in ("ffe", "asym_stream"):
-        def agg_pass() -> tuple[float, Any]:
+        def new_aggregator() -> Any:
             if mode == "ffe":
-                agg: Any = StreamingAverager()
-                add = lambda i, u: agg.add(u, weights[i])  # noqa: E731
-            else:
-                agg = StreamingAsymPrototype({s: (spec_b if i in variant else spec_a) for i, s in enumerate(sites)},
-                                             asym_scope)
-                add = lambda i, u: agg.add(sites[i], u, weights[i])  # noqa: E731
-            t = 0.0
-            for i in range(k):
-                src = _fill(buf_b if i in variant else buf_a, base_of(i), i)  # the update arriving: untimed
-                t0 = time.perf_counter()
-                add(i, src)
-                t += time.perf_counter() - t0
+                return StreamingAverager()
+            return StreamingAsymAverager({s: (spec_b if i in variant else spec_a) for i, s in enumerate(sites)},
+                                         asym_scope)
+
+        def agg_pass(agg: Any, steady: bool) -> tuple[float, Any]:
+            """One round: K updates arrive (untimed) and are added (timed), then the result (timed).
+
+            ``steady``: a later round of a server that keeps ``agg``: reset, and (FFE) the result written
+            into the preallocated global model. Otherwise a first round: fresh sums, fresh result.
+            """
             t0 = time.perf_counter()
-            result = agg.result()
+            agg.reset()
+            t = time.perf_counter() - t0
+            for i in range(k):
+                src = _arrive(base_of(i), i)  # the update arriving, decoded: untimed
+                t0 = time.perf_counter()
+                if mode == "ffe":
+                    agg.add(src, weights[i])
+                else:
+                    agg.add(sites[i], src, weights[i])
+                t += time.perf_counter() - t0
+                del src  # the server drops it; the aggregator keeps what it needs
+            t0 = time.perf_counter()
+            result = agg.result(out=dst_a) if mode == "ffe" and steady else agg.result()
             t += time.perf_counter() - t0
             return t, result
 
+        kept = new_aggregator()
+        first_s, result = agg_pass(kept, steady=False)
+        del result
+        agg_times = []
+        copy_times, val_times = [], []
+        for _ in range(repeats):
+            t, result = agg_pass(kept, steady=True)
+            agg_times.append(t)
+            del result
+            copy_times.append(copy_pass())
+            val_times.append(validate_pass())
+        # Memory, updates arriving inside the traced window: server_mb is everything the round allocates
+        # (updates in flight included); peak_mb leaves out the one update being received, as for asym_fedavg.
+        (_, result), server = _peak_growth(lambda: agg_pass(new_aggregator(), steady=False))
+        del result
+        (_, result), steady_server = _peak_growth(lambda: agg_pass(kept, steady=True))
+        peak, steady_peak = server - update_bytes, steady_server - update_bytes
         held_bytes = update_bytes  # one update in flight
     elif mode == "asym":
         weight_of = dict(zip(sites, weights))
 
         def make_inputs() -> dict[str, Update]:
             if asym_inputs == "distinct":
-                return {s: {n: a * np.float32(1.0 + 1e-3 * i) for n, a in base_of(i).items()}
-                        for i, s in enumerate(sites)}
+                return {s: _arrive(base_of(i), i) for i, s in enumerate(sites)}
             return {s: dict(base_of(i)) for i, s in enumerate(sites)}
 
-        def agg_pass() -> tuple[float, Any]:
+        def agg_pass_all() -> tuple[float, Any]:
             updates = make_inputs()
             t0 = time.perf_counter()
             result = asym_fedavg(updates, weight_of, asym_scope)
             return time.perf_counter() - t0, result
 
+        agg_times, copy_times, val_times = [], [], []
+        for _ in range(repeats):
+            t, result = agg_pass_all()
+            agg_times.append(t)
+            del result
+            copy_times.append(copy_pass())
+            val_times.append(validate_pass())
+        first_s = agg_times[0]  # asym_fedavg starts from scratch on every call
         held_bytes = sum(_nbytes(base_of(i)) for i in range(k))  # asym_fedavg needs every update at once
+        if asym_inputs == "distinct":
+            (_, result), peak = _peak_growth(agg_pass_all)  # the K copies are built inside the window: they count
+            server = peak
+        else:
+            inputs = make_inputs()  # shared arrays, built before the window: only asym_fedavg's own growth counts
+            result, peak = _peak_growth(lambda: asym_fedavg(inputs, weight_of, asym_scope))
+            del inputs
+            server = peak + held_bytes
+        steady_peak = peak
     else:
         raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
-    agg_times, copy_times, val_times = [], [], []
-    for _ in range(repeats):
-        t, result = agg_pass()
-        agg_times.append(t)
-        del result
-        copy_times.append(copy_pass())
-        val_times.append(validate_pass())
-
-    if mode == "asym" and asym_inputs == "distinct":
-        (_, result), peak = _peak_growth(agg_pass)  # the K copies are built inside the window: they count
-    elif mode == "asym":
-        inputs = make_inputs()  # shared arrays, built before the window: only asym_fedavg's own growth counts
-        result, peak = _peak_growth(lambda: asym_fedavg(inputs, weight_of, asym_scope))
-        del inputs
-    else:
-        (_, result), peak = _peak_growth(agg_pass)
-
     if mode == "ffe":
         averaged_frac, local_bytes = 1.0, 0
-    elif mode == "asym":
+    else:
         stats = result[1].sites
         averaged_frac = min(st.fraction_averaged for st in stats.values())
         local_bytes = max(st.values_local for st in stats.values()) * 4
-    else:
-        per_site = [sum(a.nbytes for a in result[s].values()) for s in sites]
-        local_bytes = max(_nbytes(base_of(i)) - per_site[i] for i in range(k))
-        averaged_frac = min(per_site[i] / _nbytes(base_of(i)) for i in range(k))
     del result
 
     agg_s, copy_s, val_s = min(agg_times), min(copy_times), min(val_times)
@@ -322,11 +311,10 @@ def _bench_one(mode: str, k: int, base_a: Update, base_b: Update, buf_a: Update,
         "mode": mode, "sites": k, "params": sum(a.size for a in base_a.values()), "tensors": len(base_a),
         "update_mb": update_bytes / mb, "aggregate_s": agg_s, "copy_s": copy_s,
         "ratio": agg_s / copy_s if copy_s > 0 else float("inf"),
+        "first_round_s": first_s, "first_round_ratio": first_s / copy_s if copy_s > 0 else float("inf"),
         "validate_s": val_s, "ratio_with_validate": (agg_s + val_s) / copy_s if copy_s > 0 else float("inf"),
-        "peak_mb": peak / mb, "peak_per_update": peak / update_bytes,
-        "inputs_held_mb": held_bytes / mb,
-        # with distinct inputs the K copies were built inside the traced window: already in the peak
-        "server_mb": (peak if mode == "asym" and asym_inputs == "distinct" else peak + held_bytes) / mb,
+        "peak_mb": peak / mb, "peak_per_update": peak / update_bytes, "steady_peak_mb": steady_peak / mb,
+        "inputs_held_mb": held_bytes / mb, "server_mb": server / mb,
         "variant_sites": len(variant), "min_fraction_averaged": averaged_frac,
         "local_mb_per_site": local_bytes / mb,
         "asym_scope": asym_scope if mode != "ffe" else None,
@@ -335,18 +323,20 @@ def _bench_one(mode: str, k: int, base_a: Update, base_b: Update, buf_a: Update,
 
 
 def bench_aggregate(sites: Sequence[int] = (2, 4, 8, 16, 32, 64), params: float = 30e6, repeats: int = 3,
-                    modes: Sequence[str] = ("ffe", "asym"), *, asym_scope: str = "all",
+                    modes: Sequence[str] = MODES, *, asym_scope: str = "all",
                     asym_inputs: str = "shared", seed: int = 0,
                     progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Time and server peak memory of aggregating K float32 updates of ``params`` values, per K and mode.
 
     Returns one dict per (mode, K), in that order, with (among others) ``aggregate_s`` (best of
-    ``repeats``: K x add + result, or one ``asym_fedavg`` call), ``copy_s`` (best plain ``np.copyto`` of
-    the same K x update bytes), ``ratio`` = aggregate_s / copy_s, ``peak_mb`` (tracemalloc peak growth of
-    the aggregation, in-flight update excluded), ``update_mb``, ``inputs_held_mb`` (updates the API needs in
-    memory at once: 1 for the streaming modes, K for ``asym_fedavg``), ``server_mb`` = peak + inputs held,
+    ``repeats`` steady-state rounds: reset + K x add + result, or one ``asym_fedavg`` call),
+    ``first_round_s`` (a new aggregator's round), ``copy_s`` (best plain ``np.copyto`` of the same K x update
+    bytes), ``ratio`` = aggregate_s / copy_s, ``first_round_ratio``, ``peak_mb`` (tracemalloc peak growth of
+    a first round, the update being received excluded), ``steady_peak_mb`` (same, a later round),
+    ``update_mb``, ``inputs_held_mb`` (updates the API needs in memory at once: 1 for the streaming modes, K
+    for ``asym_fedavg``), ``server_mb`` (the round's whole peak: updates in flight included),
     ``validate_s`` (K x ``validate_update``, which the server runs before adding) and
-    ``ratio_with_validate``. ``modes``: any of ``"ffe"``, ``"asym"``, ``"asym_stream"``. ``progress`` is
+    ``ratio_with_validate``. ``modes``: any of ``"ffe"``, ``"asym_stream"``, ``"asym"``. ``progress`` is
     called with each row as soon as it is measured.
     """
     sites = [int(k) for k in sites]
@@ -362,18 +352,16 @@ def bench_aggregate(sites: Sequence[int] = (2, 4, 8, 16, 32, 64), params: float 
 
     base_a = _random_update(model_shapes(params, variant=False), seed)
     base_b = _random_update(model_shapes(params, variant=True), seed + 1, reuse=base_a)
-    buf_a = {n: np.empty_like(a) for n, a in base_a.items()}
-    buf_b = {n: (buf_a[n] if base_b[n] is base_a[n] else np.empty_like(a)) for n, a in base_b.items()}
     dst_a = {n: np.empty_like(a) for n, a in base_a.items()}
     dst_b = {n: (dst_a[n] if base_b[n] is base_a[n] else np.empty_like(a)) for n, a in base_b.items()}
-    for arrays in (buf_a, buf_b, dst_a, dst_b):  # touch every page now, not inside the first timed pass
+    for arrays in (dst_a, dst_b):  # touch every page now, not inside the first timed pass
         for arr in arrays.values():
             arr.fill(0)
 
     rows: list[dict[str, Any]] = []
     for mode in modes:
         for k in sites:
-            row = _bench_one(mode, k, base_a, base_b, buf_a, buf_b, dst_a, dst_b, repeats, asym_scope, asym_inputs)
+            row = _bench_one(mode, k, base_a, base_b, dst_a, dst_b, repeats, asym_scope, asym_inputs)
             rows.append(row)
             if progress is not None:
                 progress(row)
@@ -383,7 +371,8 @@ def bench_aggregate(sites: Sequence[int] = (2, 4, 8, 16, 32, 64), params: float 
 _COLUMNS = (
     ("mode", "{:<11}", "{:<11}"), ("sites", "{:>5}", "{:>5d}"), ("update_mb", "{:>9}", "{:>9.1f}"),
     ("aggregate_s", "{:>11}", "{:>11.3f}"), ("copy_s", "{:>8}", "{:>8.3f}"), ("ratio", "{:>6}", "{:>6.2f}"),
-    ("validate_s", "{:>10}", "{:>10.3f}"), ("peak_mb", "{:>8}", "{:>8.1f}"),
+    ("first_round_s", "{:>13}", "{:>13.3f}"), ("validate_s", "{:>10}", "{:>10.3f}"),
+    ("peak_mb", "{:>8}", "{:>8.1f}"), ("steady_peak_mb", "{:>14}", "{:>14.1f}"),
     ("inputs_held_mb", "{:>14}", "{:>14.1f}"), ("server_mb", "{:>9}", "{:>9.1f}"),
 )
 

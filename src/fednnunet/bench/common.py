@@ -42,17 +42,34 @@ def nnunet_env(root: Path) -> dict[str, str]:
 
 def run_timed(cmd: list[str], env: Mapping[str, str], log: Path, timeout_s: float) -> float:
     """Run ``cmd`` to completion (output to ``log``); return its wall time; raise if it fails."""
-    with log.open("wb") as out:
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired as err:
-            raise RuntimeError(f"{' '.join(cmd)} did not finish in {timeout_s:.0f} s (log: {log})") from err
-        elapsed = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode} (log: {log}):\n{tail}")
-    return elapsed
+    return run_concurrently([(cmd, log)], env, timeout_s)
+
+
+def run_concurrently(runs: list[tuple[list[str], Path]], env: Mapping[str, str], timeout_s: float) -> float:
+    """Start every ``(cmd, log)`` at once and wait for all; return the wall time until the last one ended.
+
+    Raises if any fails or if they do not all finish within ``timeout_s`` (the others are then killed).
+    """
+    t0 = time.perf_counter()
+    procs = []
+    try:
+        for cmd, log in runs:
+            with log.open("wb") as out:
+                procs.append(subprocess.Popen(cmd, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL))
+        for proc, (cmd, log) in zip(procs, runs):
+            try:
+                code = proc.wait(timeout=max(0.0, timeout_s - (time.perf_counter() - t0)))
+            except subprocess.TimeoutExpired as err:
+                raise RuntimeError(f"{' '.join(cmd)} did not finish in {timeout_s:.0f} s (log: {log})") from err
+            if code != 0:
+                tail = log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code} (log: {log}):\n{tail}")
+        return time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 

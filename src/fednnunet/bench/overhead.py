@@ -61,15 +61,41 @@ def bench_overhead(sites: int = 3, rounds: int = 3, model: str = "tiny", iterati
     return summarize(records, sites=sites, model=model, iterations=iterations, work=work)
 
 
+#: Parts of a round's overhead, on the critical path (the site whose reply came last); see round_timing().
+BREAKDOWN = ("prepare_s", "down_s", "site_extra_s", "up_s", "after_s", "gap_s")
+
+
+def _breakdown(record: dict[str, Any], next_record: dict[str, Any] | None) -> dict[str, float]:
+    """Split one round's overhead into server, Flower and site parts (NaN where the record lacks timings)."""
+    timing = record.get("timing") or {}
+    sites = timing.get("sites") or {}
+    out = {key: float("nan") for key in BREAKDOWN}
+    if sites:
+        last = max(sites, key=lambda s: sites[s]["round_trip_s"])
+        epoch = float(record["sites"].get(last, {}).get("epoch_seconds", 0.0))
+        out.update(prepare_s=timing.get("prepare_s", float("nan")), after_s=timing.get("after_s", float("nan")),
+                   down_s=sites[last].get("down_s", float("nan")), up_s=sites[last].get("up_s", float("nan")),
+                   site_extra_s=sites[last]["site_s"] - epoch)
+    if next_record is not None and "started_at" in next_record and "t" in record:
+        out["gap_s"] = next_record["started_at"] - record["t"]  # server work between two rounds
+    return out
+
+
+def _median(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return statistics.median(finite) if finite else float("nan")
+
+
 def summarize(records: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
     """Medians over rounds of the per-round records written by the training server."""
     per_round = []
-    for r in records:
+    for i, r in enumerate(records):
         per_site = [b["sent"] + b["received"] for b in r.get("bytes", {}).values()]
         per_round.append({
             "round": r["round"], "round_s": r["wall_seconds"], "overhead_s": r["overhead_seconds"],
             "compute_s": r["wall_seconds"] - r["overhead_seconds"],
             "bytes_per_site": statistics.median(per_site) if per_site else 0,
+            **_breakdown(r, records[i + 1] if i + 1 < len(records) else None),
         })
     model_bytes = max(next(iter(records[-1].get("model_bytes", {"": 0}).values()), 0), 1)
     bytes_per_site = statistics.median(p["bytes_per_site"] for p in per_round)
@@ -77,6 +103,7 @@ def summarize(records: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
         "overhead_s_median": statistics.median(p["overhead_s"] for p in per_round),
         "round_s_median": statistics.median(p["round_s"] for p in per_round),
         "compute_s_median": statistics.median(p["compute_s"] for p in per_round),
+        "breakdown_s_median": {key: _median([p[key] for p in per_round]) for key in BREAKDOWN},
         "bytes_per_site_per_round": bytes_per_site,
         "model_bytes": model_bytes,
         "bytes_ratio": bytes_per_site / model_bytes,
@@ -97,4 +124,9 @@ def format_overhead(result: dict[str, Any]) -> str:
     lines.append(f"median: round {result['round_s_median']:.2f} s, compute {result['compute_s_median']:.2f} s, "
                  f"overhead {result['overhead_s_median']:.2f} s; bytes per site per round "
                  f"{result['bytes_ratio']:.2f} x the model")
+    parts = result.get("breakdown_s_median", {})
+    lines.append("overhead on the critical path (medians): " + ", ".join(
+        f"{key[:-2]} {value:.2f} s" for key, value in parts.items()))
+    lines.append("  prepare/after: server before the push / after the last reply; down/up: Flower (node polling, "
+                 "ClientApp start, transfer); site_extra: site work besides the epoch; gap: between rounds")
     return "\n".join(lines)

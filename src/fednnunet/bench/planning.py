@@ -9,7 +9,9 @@ timed as subprocesses (wall clock, process start-up and imports included) on the
 Read the ratio with the machine in mind: the federation runs the K sites' planning *concurrently* on this
 one machine, while each local run has the machine to itself. With K sites on fewer than K cores the
 federated figure includes CPU contention that a real federation (one machine per site) does not have;
-``sum_local_s`` (all local runs back to back) and ``cpu_count`` are returned so this can be judged.
+``sum_local_s`` (all local runs back to back) and ``cpu_count`` are returned so this can be judged, and
+``concurrent_local_s``: the K local runs started at once, i.e. the same contention without the federation, so
+``ratio_vs_concurrent`` is the federation's own cost.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fednnunet.bench.common import console_script, nnunet_env, run_timed
+from fednnunet.bench.common import console_script, nnunet_env, run_concurrently, run_timed
 
 __all__ = ["bench_planning", "format_planning"]
 
@@ -33,7 +35,7 @@ def bench_planning(sites: int = 3, work: Path | str | None = None, seed: int = 0
     """Time federated planning of ``sites`` synthetic 2D sites against each site's local nnU-Net planning.
 
     ``work`` must be a new or empty folder (default: a temporary folder, removed afterwards); it gets
-    ``federated/`` and ``local/`` (each with its own ``nnUNet_raw``, ``nnUNet_preprocessed``,
+    ``federated/``, ``local/`` and ``concurrent/`` (each with its own ``nnUNet_raw``, ``nnUNet_preprocessed``,
     ``nnUNet_results``) and ``logs/`` with every command's output. ``warmup`` first imports torch, nnU-Net
     and Flower once in a throwaway process, so neither side pays for a cold file cache.
 
@@ -54,10 +56,12 @@ def bench_planning(sites: int = 3, work: Path | str | None = None, seed: int = 0
         logs = root / "logs"
         logs.mkdir()
         fed_env, local_env = nnunet_env(root / "federated"), nnunet_env(root / "local")
+        concurrent_env = nnunet_env(root / "concurrent")
         ids = [str(first_id + i) for i in range(sites)]
         write_demo_federation(Path(fed_env["nnUNet_raw"]), first_id=first_id, sites=sites, dim=2, seed=seed)
-        for folder in sorted(Path(fed_env["nnUNet_raw"]).iterdir()):  # the same raw data, a separate copy
-            shutil.copytree(folder, Path(local_env["nnUNet_raw"]) / folder.name)
+        for folder in sorted(Path(fed_env["nnUNet_raw"]).iterdir()):  # the same raw data, separate copies
+            for env in (local_env, concurrent_env):  # (nnU-Net reuses a fingerprint it finds: fresh roots)
+                shutil.copytree(folder, Path(env["nnUNet_raw"]) / folder.name)
 
         if warmup:
             run_timed([sys.executable, "-c", "import torch, flwr, nnunetv2.experiment_planning.plan_and_preprocess_api"],
@@ -75,10 +79,14 @@ def bench_planning(sites: int = 3, work: Path | str | None = None, seed: int = 0
             per_site[ds] = run_timed(cmd, local_env, logs / f"local_{ds}.log", timeout_s)
 
         slowest = max(per_site.values())
+        concurrent_s = run_concurrently([(cmd, logs / f"concurrent_{ds}.log") for ds, cmd in zip(ids, local_cmds)],
+                                        concurrent_env, timeout_s)
         return {
             "federated_s": federated_s,
             "slowest_local_s": slowest,
             "ratio": federated_s / slowest,
+            "concurrent_local_s": concurrent_s,
+            "ratio_vs_concurrent": federated_s / concurrent_s,
             "per_site_local_s": per_site,
             "sum_local_s": sum(per_site.values()),
             "sites": sites,
@@ -98,4 +106,7 @@ def format_planning(result: Mapping[str, Any]) -> str:
             f"{result['federated_s']:.1f} s\n"
             f"local nnUNetv2_plan_and_preprocess per site: {per_site}; slowest {result['slowest_local_s']:.1f} s, "
             f"all back to back {result['sum_local_s']:.1f} s\n"
-            f"ratio federated / slowest local: {result['ratio']:.2f}")
+            f"all {result['sites']} local runs at once on this machine (the federation's CPU contention): "
+            f"{result['concurrent_local_s']:.1f} s\n"
+            f"ratio federated / slowest local: {result['ratio']:.2f}; federated / all local at once: "
+            f"{result['ratio_vs_concurrent']:.2f}")

@@ -19,6 +19,8 @@ Methods:
   trained as one; fold n of the pooled dataset is the union of every site's fold n.
 * ``ffe``: ``fednnunet run plan_and_preprocess`` + ``fednnunet run train`` (FedAvg on identical plans).
 * ``asym``: the same with ``--asym`` (each site plans alone, AsymFedAvg).
+* ``ffe16`` (not in the default set): FFE with ``--transfer-dtype float16``, to show what 16-bit transfer does
+  to DSC (paired Wilcoxon test against ``ffe``).
 
 Same splits: before any training, every site's ``splits_final.json`` is written the way nnU-Net's trainer would
 write it (``generate_crossval_split`` over the sorted case ids, seed 12345, 5 folds) into every method's
@@ -59,6 +61,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["run_benchmark", "BenchmarkError", "METHODS", "resolve_sites", "site_splits"]
 
 METHODS = ("local", "centralized", "ffe", "asym")
+#: Methods that run only when asked for with ``methods``.
+EXTRA_METHODS = ("ffe16",)
 TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__{configuration}"
 _PROGRESS = "@@progress "
 _ROUND = re.compile(r"round (\d+)/(\d+)")
@@ -274,9 +278,9 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
     started = time.time()
     raw, out = Path(raw).resolve(), Path(out).resolve()
     methods = list(dict.fromkeys(m.strip() for m in methods if m.strip()))
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS + EXTRA_METHODS]
     if unknown or not methods:
-        raise BenchmarkError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise BenchmarkError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS + EXTRA_METHODS)}")
     folds = normalize_folds(list(folds))
     if any(f == "all" or not 0 <= int(f) < 5 for f in folds):
         raise BenchmarkError(f"folds must be in 0..4 (cross-validation), got {folds}")
@@ -393,7 +397,7 @@ class _Context:
         _stream([sys.executable, "-m", "fednnunet.cli", *args], env, step, line,
                 self._base(method) / "federation.log")
 
-    def _train_federated(self, method: str, env: dict[str, str], asym: bool) -> Path:
+    def _train_federated(self, method: str, env: dict[str, str], asym: bool, train_args: Sequence[str] = ()) -> Path:
         ids = " ".join(str(d.id) for d in self.internal)
         self.prog("federated plan_and_preprocess" + (" --asym" if asym else ""), method=method)
         # --no-check: stock nnUNetv2_plan_and_preprocess (local, centralized) verifies nothing, so the federated
@@ -409,7 +413,7 @@ class _Context:
             self._fednnunet(method, env, [
                 "run", "train", ids, self.configuration, str(fold), "--rounds", str(self.rounds),
                 "--iterations-per-round", str(self.iterations), "--val-iterations", str(self.val_iterations),
-                "--skip-val", "--da-workers", "0", "--out", str(run), *(["--asym"] if asym else [])],
+                "--skip-val", "--da-workers", "0", "--out", str(run), *(["--asym"] if asym else []), *train_args],
                 f"{method}: training fold {fold}", fold=fold)
             self.prog.unit_done()
             metrics = next(iter(sorted(run.rglob("metrics.jsonl"))), run / "metrics.jsonl")
@@ -472,10 +476,10 @@ class _Context:
         models = {d.key: self._model_folder("local", d.name) for d in self.internal}
         return self._finish_per_site("local", env, lambda d: models[d.key], models), curves
 
-    def _run_ffe(self, asym: bool = False) -> tuple[dict, Path]:
-        method = "asym" if asym else "ffe"
+    def _run_ffe(self, asym: bool = False, method: str = "ffe", train_args: Sequence[str] = ()) -> tuple[dict, Path]:
+        method = "asym" if asym else method
         env = _env(self._base(method), self.raw)
-        curves = self._train_federated(method, env, asym)
+        curves = self._train_federated(method, env, asym, train_args)
         models = {d.key: self._model_folder(method, d.name) for d in self.internal}
         # FFE: every site's final checkpoint is the global model; one of them predicts the external sites
         ext_models = models if asym else {"global": models[self.internal[0].key]}
@@ -483,6 +487,9 @@ class _Context:
 
     def _run_asym(self) -> tuple[dict, Path]:
         return self._run_ffe(asym=True)
+
+    def _run_ffe16(self) -> tuple[dict, Path]:
+        return self._run_ffe(method="ffe16", train_args=["--transfer-dtype", "float16"])
 
     def _run_centralized(self) -> tuple[dict, Path]:
         from fednnunet.data.pooled import pool_datasets

@@ -64,13 +64,15 @@ __all__ = [
 ]
 
 #: Display names of the methods (as in the paper's tables); unknown methods are shown as given.
-METHOD_NAMES: dict[str, str] = {"local": "Local", "centralized": "Centralized", "ffe": "FFE", "asym": "AsymFedAvg"}
+METHOD_NAMES: dict[str, str] = {"local": "Local", "centralized": "Centralized", "ffe": "FFE", "asym": "AsymFedAvg",
+                                "ffe16": "FFE (16-bit transfer)"}
 #: The paired tests of the paper: (method a, method b), reported as p of a vs b.
-COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "local"), ("ffe", "centralized"), ("asym", "local"))
+COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "local"), ("ffe", "centralized"), ("asym", "local"),
+                                            ("ffe16", "ffe"))
 #: Methods whose images never leave a site. Centralized training is the upper bound, never bolded.
-PRIVACY_PRESERVING: frozenset[str] = frozenset({"local", "ffe", "asym"})
+PRIVACY_PRESERVING: frozenset[str] = frozenset({"local", "ffe", "asym", "ffe16"})
 #: Display order of known methods; others follow in the order given.
-_ORDER = ("local", "ffe", "asym", "centralized")
+_ORDER = ("local", "ffe", "ffe16", "asym", "centralized")
 
 
 # ---------------------------------------------------------------------------------------------- file helpers

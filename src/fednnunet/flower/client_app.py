@@ -14,6 +14,9 @@ from fednnunet.site import ipc
 
 app = ClientApp()
 
+#: How long a message waits for a site worker that is still starting (its SuperNode may connect first).
+WORKER_START_WAIT_S = 120.0
+
 
 def _relay(msg: Message, context: Context) -> Message:
     socket_path = str(context.node_config.get("site-socket", ""))
@@ -22,7 +25,7 @@ def _relay(msg: Message, context: Context) -> Message:
         reply = {"ok": False, "error": "this SuperNode has no 'site-socket' in its --node-config"}
         return Message(to_record(reply), reply_to=msg)
     try:
-        reply, out = ipc.request(socket_path, body, arrays)
+        reply, out = ipc.request(socket_path, body, arrays, connect_wait_s=WORKER_START_WAIT_S)
     except (OSError, ipc.FrameError) as err:
         reply, out = {"ok": False, "error": f"site worker at {socket_path} unreachable: {err}"}, {}
     return Message(to_record(reply, out), reply_to=msg)

@@ -57,6 +57,8 @@ class FlowerSiteCaller:
         self.message_type = message_type
         self.node_of: dict[str, int] = {}
         self.traffic = TrafficCounter()
+        #: site -> (time pushed, time its reply was pulled), wall clock, of the latest exchange with the site
+        self.exchange_times: dict[str, tuple[float, float]] = {}
 
     @property
     def sites(self) -> list[str]:
@@ -106,6 +108,7 @@ class FlowerSiteCaller:
             sent_bytes[node] = record_nbytes(record)
             messages.append(Message(record, dst_node_id=node, message_type=self.message_type))
         ids = list(self.grid.push_messages(messages))
+        pushed_at = time.time()
         pending = dict(zip(ids, payloads))
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         replies: dict[str, Reply] = {}
@@ -125,6 +128,7 @@ class FlowerSiteCaller:
                     self.node_of[site] = node
                     site_of[node] = site
                 self.traffic.add(site, sent_bytes[node], record_nbytes(msg.content))
+                self.exchange_times[site] = (pushed_at, time.time())
                 if body.get("ok"):
                     replies[site] = (body["result"], out)
                 else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -82,10 +83,24 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], dict[str, np.ndarra
 
 
 def request(path: str, body: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None,
-            timeout: float | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """One request/reply exchange with the site worker listening on Unix socket ``path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            timeout: float | None = None, connect_wait_s: float = 0.0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One request/reply exchange with the site worker listening on Unix socket ``path``.
+
+    ``connect_wait_s``: keep trying to connect this long while the socket is missing or refuses, i.e. while the
+    worker is still starting (importing torch and nnU-Net takes seconds; its SuperNode may be faster).
+    """
+    deadline = time.monotonic() + connect_wait_s
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+    with sock:
         sock.settimeout(timeout)
-        sock.connect(path)
         send_frame(sock, body, arrays)
         return recv_frame(sock)

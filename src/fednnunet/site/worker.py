@@ -55,7 +55,7 @@ class SiteWorker:
         handler: Handler | None = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             return {"ok": False, "error": f"site {self.site}: unknown operation {op!r}"}, {}
-        started = time.perf_counter()
+        received_at, started = time.time(), time.perf_counter()
         try:
             result, out = handler(body.get("config", {}), arrays)
         except Exception as err:  # reported to the server with the site named; details stay in the site log
@@ -66,6 +66,8 @@ class SiteWorker:
             return {"ok": False, "error": f"{op}: {type(err).__name__}: {msg}"}, {}
         result.setdefault("site", self.site)
         result["seconds"] = time.perf_counter() - started
+        # wall-clock times let the server split a round trip into download / site / upload (see training.py)
+        result["received_at"], result["replied_at"] = received_at, time.time()
         return {"ok": True, "result": result}, out
 
     def op_job_done(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
