@@ -202,7 +202,20 @@ class _FakeCaller:
         assert op == "describe"
         return {s: ({"dataset_name": f"Dataset{s}"}, {}) for s in self.shapes}
 
-    def try_call(self, op, configs, arrays=None, timeout_s=None):
+    def try_call(self, op, configs, arrays=None, timeout_s=None, on_reply=None):
+        """The transport's contract: each successful reply goes through ``on_reply`` (if given) as it arrives."""
+        replies, errors = self._replies(op, configs, arrays)
+        if on_reply is not None:
+            for site in list(replies):
+                problem = on_reply(site, *replies[site])
+                if problem is None:
+                    replies[site] = (replies[site][0], {})
+                else:
+                    del replies[site]
+                    errors[site] = problem
+        return replies, errors
+
+    def _replies(self, op, configs, arrays):
         replies, errors = {}, {}
         for site, cfg in configs.items():
             if op == "train_init":
@@ -214,7 +227,8 @@ class _FakeCaller:
                 replies[site] = (info, weights)
             elif op == "train_round":
                 r = cfg["round"]
-                self.received.setdefault(r, {})[site] = arrays[site]
+                # a copy, as a network would deliver: the server may reuse its arrays after sending
+                self.received.setdefault(r, {})[site] = {k: v.copy() for k, v in arrays[site].items()}
                 if (site, r) in self.fail:
                     errors[site] = self.fail[(site, r)]
                     continue
@@ -297,8 +311,8 @@ def test_server_rejects_tampered_update_and_round_continues(tmp_path: Path, tamp
     from fednnunet.federation.training import run_training_task
 
     class Tampering(_FakeCaller):
-        def try_call(self, op, configs, arrays=None, timeout_s=None):
-            replies, errors = super().try_call(op, configs, arrays, timeout_s)
+        def _replies(self, op, configs, arrays):
+            replies, errors = super()._replies(op, configs, arrays)
             if op == "train_round" and configs["3"]["round"] == 2:
                 info, update = replies["3"]
                 replies["3"] = (info, tamper(update))

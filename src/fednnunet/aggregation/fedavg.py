@@ -488,6 +488,11 @@ class StreamingAsymAverager:
         self._sigs = {site: _signatures(spec) for site, spec in specs.items()}
         # Classes of equal signature among the expected sites (the "any" rule over all of them).
         self._groups = _compatible_groups(self._sigs, "any")
+        for members, names in self._groups.items():  # fail here, not halfway through adding a site
+            for name in names:
+                kind = self._sigs[members[0]][name][1]
+                if kind not in _AVERAGED_KINDS and kind not in _PICKED_KINDS:
+                    raise TypeError(f"parameter {name!r}: cannot average dtype kind {kind!r}")
         self._averagers = {members: StreamingAverager() for members in self._groups}
         self._group_of: dict[SiteId, dict[str, tuple[SiteId, ...]]] = {site: {} for site in specs}
         for members, names in self._groups.items():

@@ -1,8 +1,9 @@
 """Benchmarks of issue 6, as library functions (the ``fednnunet bench ...`` commands print them).
 
 * :func:`bench_aggregate` (``aggregate.py``): time and server peak memory of aggregating K site updates,
-  FFE (FedAvg with :class:`~fednnunet.aggregation.StreamingAverager`) and AsymFedAvg
-  (:func:`~fednnunet.aggregation.asym_fedavg`), against a plain ``np.copyto`` of the same bytes timed in
+  FFE (FedAvg with :class:`~fednnunet.aggregation.StreamingAverager`) and AsymFedAvg (streaming with
+  :class:`~fednnunet.aggregation.StreamingAsymAverager`, as the server does, and all at once with
+  :func:`~fednnunet.aggregation.asym_fedavg` for comparison), against a plain copy of the same bytes timed in
   the same run. The ratio is the figure: absolute times vary between machines.
 * :func:`bench_overhead` (``overhead.py``): per-round overhead and bytes on the wire of a real federation.
 * :func:`bench_planning` (``planning.py``): ``fednnunet run plan_and_preprocess`` on K synthetic sites vs.

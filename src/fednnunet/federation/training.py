@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fednnunet.aggregation import (WIRE_DTYPES, ModelSpec, StreamingAverager, UpdateRejected, asym_fedavg,
+from fednnunet.aggregation import (WIRE_DTYPES, ModelSpec, StreamingAsymAverager, StreamingAverager, UpdateRejected,
                                    from_wire, to_wire, validate_metrics, validate_update, wire_spec)
 from fednnunet.federation.events import EventLog
 from fednnunet.federation.job import JobSpec
@@ -425,6 +425,8 @@ class _FoldRun:
         opts, events, asym = self.opts, self.events, self.job.asym
         epochs_per_round = opts.epochs_per_round
         needs_init: set[str] = set()
+        # one averager for the whole run: its float64 sums stay allocated from round to round
+        averager = StreamingAsymAverager(specs, opts.asym_scope) if asym else StreamingAverager()
         for r in range(start + 1, rounds + 1):
             self._reinit(needs_init)
             t0, started_at = time.perf_counter(), time.time()
@@ -433,36 +435,43 @@ class _FoldRun:
             configs = {s: {"round": r, "epoch_end": r * epochs_per_round} for s in targets}
             traffic = self.caller.traffic
             before = {x: (traffic.sent.get(x, 0), traffic.received.get(x, 0)) for x in targets}
-            replies, errors = self.caller.try_call("train_round", configs, payload, timeout_s=opts.round_timeout_s)
+            averager.reset()
+            metrics: dict[str, dict[str, Any]] = {}
+
+            def take(site: str, result: dict[str, Any], update: Arrays) -> str | None:
+                """Check one update as it arrives and add it to the running average (then it can be dropped)."""
+                try:
+                    validate_update(update, wire_spec(specs[site], opts.transfer_dtype))
+                    _metrics_ok(result.get("metrics"))
+                except UpdateRejected as err:
+                    return f"update rejected: {err}"
+                weights = from_wire(update, specs[site])
+                if asym:
+                    averager.add(site, weights, weight_of[site])
+                else:
+                    averager.add(weights, weight_of[site])
+                metrics[site] = dict(result["metrics"])
+                return None
+
+            replies, errors = self.caller.try_call("train_round", configs, payload, timeout_s=opts.round_timeout_s,
+                                                   on_reply=take)
+            del payload
             exchange_times = dict(getattr(self.caller, "exchange_times", {}))
             round_bytes = {x: {"sent": traffic.sent.get(x, 0) - before[x][0],
                                "received": traffic.received.get(x, 0) - before[x][1]} for x in targets}
             errors = {**{s: "could not rebuild its trainer" for s in needs_init}, **errors}
-            accepted: dict[str, Arrays] = {}
-            metrics: dict[str, dict[str, Any]] = {}
-            for s in sorted(replies):
-                result, update = replies[s]
-                try:
-                    validate_update(update, wire_spec(specs[s], opts.transfer_dtype))
-                    _metrics_ok(result.get("metrics"))
-                except UpdateRejected as err:
-                    errors[s] = f"update rejected: {err}"
-                    continue
-                accepted[s] = from_wire(update, specs[s])
-                metrics[s] = dict(result["metrics"])
             for s, reason in sorted(errors.items()):
                 events.emit("left_out", f"round {r}: site {s} left out: {reason}", round=r, site=s, reason=reason)
                 if "no training session" in reason:
                     needs_init.add(s)
-            if len(accepted) < min_sites:
-                raise RuntimeError(f"round {r}: only {len(accepted)} of {len(sites)} site(s) delivered an update, "
+            if len(metrics) < min_sites:
+                raise RuntimeError(f"round {r}: only {len(metrics)} of {len(sites)} site(s) delivered an update, "
                                    f"at least {min_sites} needed (--min-sites); reasons: " +
                                    "; ".join(f"{s}: {e}" for s, e in sorted(errors.items())))
-            saver.wait()  # the previous round's save holds the arrays that aggregation replaces
-            asym_info = self._aggregate(models, accepted, weight_of)
+            saver.wait()  # the previous round's save holds the arrays that aggregation overwrites
+            asym_info = self._aggregate(models, averager)
             wall = time.perf_counter() - t0
             timing = round_timing(started_at, time.time(), replies, exchange_times)
-            del accepted, replies
             slowest = max(m.get("epoch_seconds", 0.0) for m in metrics.values())
             record = {"round": r, "rounds": rounds, "fold": self.fold, "started_at": started_at, "t": time.time(),
                       "wall_seconds": wall,
@@ -486,20 +495,17 @@ class _FoldRun:
         for s, e in errors.items():
             self.events.info(f"site {s} could not rebuild its trainer: {e}")
 
-    def _aggregate(self, models: dict[str, Arrays], accepted: Mapping[str, Arrays],
-                   weight_of: Mapping[str, float]) -> dict[str, Any]:
-        """Update ``models`` in place from the accepted updates; sites left out keep their model (asym)."""
-        if not self.job.asym:
-            averager = StreamingAverager()
-            for s, update in accepted.items():
-                averager.add(update, weight_of[s])
-            models["global"] = averager.result(dtype_like=models["global"])
+    @staticmethod
+    def _aggregate(models: dict[str, Arrays], averager: StreamingAverager | StreamingAsymAverager) -> dict[str, Any]:
+        """Update ``models`` from the round's averager; sites left out keep their model (asym).
+
+        FFE writes the average into the global model's own arrays (``out=``): no new 4 bytes per parameter
+        every round. AsymFedAvg gives every site that delivered its new model (averaged groups shared).
+        """
+        if isinstance(averager, StreamingAverager):
+            models["global"] = averager.result(out=models["global"])
             return {}
-        if len(accepted) == 1:  # nothing to average with: the site keeps its own update
-            (s, update), = accepted.items()
-            models[s] = dict(update)
-            return {"asym_fraction_averaged": {s: 0.0}}
-        new, report = asym_fedavg(dict(accepted), {s: weight_of[s] for s in accepted}, self.opts.asym_scope)
+        new, report = averager.result()
         models.update(new)
         return {"asym_fraction_averaged": {s: st.fraction_averaged for s, st in report.sites.items()}}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from flwr.app import Message
@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 Reply = tuple[dict[str, Any], Arrays]
+#: Called with (site, result, arrays) for each successful reply as it arrives; returns an error or None.
+OnReply = Callable[[str, dict[str, Any], Arrays], "str | None"]
 
 
 class SiteFailure(RuntimeError):
@@ -86,11 +88,17 @@ class FlowerSiteCaller:
         return self._exchange(op, {self.node_of[s]: (c, arrays.get(s)) for s, c in configs.items()}, timeout_s)
 
     def try_call(self, op: str, configs: Mapping[str, dict[str, Any]], arrays: Mapping[str, Arrays] | None = None,
-                 timeout_s: float | None = None) -> tuple[dict[str, Reply], dict[str, str]]:
-        """Like :meth:`call` but returns (replies, errors) instead of raising when some sites fail."""
+                 timeout_s: float | None = None, on_reply: OnReply | None = None
+                 ) -> tuple[dict[str, Reply], dict[str, str]]:
+        """Like :meth:`call` but returns (replies, errors) instead of raising when some sites fail.
+
+        ``on_reply(site, result, arrays)``, when given, is called for each successful reply as soon as it is
+        pulled (so the server can aggregate an update and drop it before the next one arrives): a returned
+        string makes it an error of that site; otherwise the reply is kept without its arrays.
+        """
         arrays = arrays or {}
         return self._exchange_tolerant(op, {self.node_of[s]: (c, arrays.get(s)) for s, c in configs.items()},
-                                       timeout_s)
+                                       timeout_s, on_reply)
 
     def _exchange(self, op: str, payloads: Mapping[int, tuple[dict[str, Any], Arrays | None]],
                   timeout_s: float | None) -> dict[str, Reply]:
@@ -100,7 +108,8 @@ class FlowerSiteCaller:
         return replies
 
     def _exchange_tolerant(self, op: str, payloads: Mapping[int, tuple[dict[str, Any], Arrays | None]],
-                           timeout_s: float | None) -> tuple[dict[str, Reply], dict[str, str]]:
+                           timeout_s: float | None, on_reply: OnReply | None = None
+                           ) -> tuple[dict[str, Reply], dict[str, str]]:
         site_of = {n: s for s, n in self.node_of.items()}
         messages, sent_bytes = [], {}
         for node, (config, arrays) in payloads.items():
@@ -114,7 +123,10 @@ class FlowerSiteCaller:
         replies: dict[str, Reply] = {}
         errors: dict[str, str] = {}
         while pending and time.monotonic() < deadline:
-            for msg in self.grid.pull_messages(list(pending)):
+            batch = list(self.grid.pull_messages(list(pending)))
+            batch.reverse()
+            while batch:  # popped one by one so that each reply can be freed once used
+                msg = batch.pop()
                 node = pending.pop(msg.metadata.reply_to_message_id, None)
                 if node is None:
                     continue
@@ -129,10 +141,15 @@ class FlowerSiteCaller:
                     site_of[node] = site
                 self.traffic.add(site, sent_bytes[node], record_nbytes(msg.content))
                 self.exchange_times[site] = (pushed_at, time.time())
-                if body.get("ok"):
-                    replies[site] = (body["result"], out)
-                else:
+                if not body.get("ok"):
                     errors[site] = str(body.get("error", "unknown error"))
+                elif on_reply is None:
+                    replies[site] = (body["result"], out)
+                elif (problem := on_reply(site, body["result"], out)) is not None:
+                    errors[site] = problem
+                else:
+                    replies[site] = (body["result"], {})
+                del out, msg  # an update is dropped as soon as it has been used
             if pending:
                 time.sleep(self.poll_s)
         for node in pending.values():
