@@ -340,8 +340,9 @@ def test_killing_a_site_mid_run_does_not_stop_the_run(federation: Path, tmp_path
         deadline = time.monotonic() + 300
         while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        workers = subprocess.run(["pgrep", "-f", "fednnunet.site.worker .*--site 902 "], capture_output=True,
-                                 text=True).stdout.split()
+        # only this run's worker (a child of the launcher), never another federation's on this machine
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "fednnunet.site.worker .*--site 902 "],
+                                 capture_output=True, text=True).stdout.split()
         assert workers, "site 902's worker not found"
         for pid in workers:
             os.kill(int(pid), signal.SIGKILL)
