@@ -96,13 +96,21 @@ def _run_reporting(task: str, out_dir: Path, started: float, work) -> int:
     """Run ``work()`` (which returns the job result), print the outcome; exit codes for people and scripts."""
     from fednnunet.launch import FederationError
 
+    import signal
+    import threading
+
+    def terminated(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the launcher, which stops every process it started
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminated)
     try:
         result = work()
     except FederationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: all federation processes were stopped", file=sys.stderr)
+        print("interrupted (Ctrl-C or SIGTERM): all federation processes were stopped", file=sys.stderr)
         return 130
     if result is not None:
         _print_result(task, result, started, out_dir)

@@ -157,7 +157,8 @@ class ProcessGroup(StartStop):
     def start_process(self, name: str, cmd: list[str], env: dict[str, str]) -> _Proc:
         log = self.logs / f"{name}.log"
         with log.open("ab") as f:
-            popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=_stop_with_launcher if sys.platform == "linux" else None)
         proc = _Proc(name, popen, log)
         self._procs.append(proc)
         logger.debug("started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
@@ -420,6 +421,16 @@ def _port_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+def _stop_with_launcher() -> None:
+    """Run in a started process before it executes (Linux): it gets SIGTERM when the launcher dies, even by
+    SIGKILL, so that a killed ``fednnunet`` never leaves a SuperLink, SuperNode or worker running on its own
+    (they run in their own sessions so that a Ctrl-C reaches only the launcher, which stops them in order)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def terminate_all(popens: Sequence[subprocess.Popen], grace_s: float = 10.0) -> None:
