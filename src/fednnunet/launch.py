@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 #: Flower 1.41 SuperExec task polling interval (environment variable read by flower-superexec) and our value.
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-SUPEREXEC_POLL_S = "0.1"
+SUPEREXEC_POLL_S = "0.25"
 
 
 class FederationError(RuntimeError):
@@ -148,7 +148,8 @@ class ProcessGroup(StartStop):
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["FLWR_HOME"] = str(self.flwr_home / home)
         # Flower's SuperExec looks for a new task (a message to start a ClientApp for) once a second by default;
-        # 0.1 s takes up to a second off every message's latency at the cost of a few local calls per second.
+        # 0.25 s takes ~0.4 s off the average latency of every message; 0.1 s would cost a SuperLink plus a
+        # SuperNode ~10 % of a core while idle (~5 % at the default 1 s).
         env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
         env.update(self.extra_env)
         (self.flwr_home / home).mkdir(parents=True, exist_ok=True)
