@@ -72,3 +72,14 @@ def test_object_arrays_are_refused_before_sending() -> None:
     a, b = socket.socketpair()
     with a, b, pytest.raises(ipc.FrameError, match="only numeric"):
         ipc.send_frame(a, {}, {"bad": np.array([object()], dtype=object)})
+
+
+def test_a_dead_worker_fails_at_once(sock_path: str) -> None:
+    """A socket file nobody listens on (a worker killed with SIGKILL leaves it) is refused without waiting."""
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(sock_path)
+    dead.close()
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        ipc.request(sock_path, {"op": "x"}, connect_wait_s=30)
+    assert time.monotonic() - t0 < 5

@@ -15,7 +15,7 @@ from fednnunet.site import ipc
 app = ClientApp()
 
 #: How long a message waits for a site worker that is still starting (its SuperNode may connect first).
-WORKER_START_WAIT_S = 120.0
+WORKER_START_WAIT_S = 60.0
 
 
 def _relay(msg: Message, context: Context) -> Message:

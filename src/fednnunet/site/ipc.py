@@ -86,8 +86,10 @@ def request(path: str, body: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
             timeout: float | None = None, connect_wait_s: float = 0.0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One request/reply exchange with the site worker listening on Unix socket ``path``.
 
-    ``connect_wait_s``: keep trying to connect this long while the socket is missing or refuses, i.e. while the
-    worker is still starting (importing torch and nnU-Net takes seconds; its SuperNode may be faster).
+    ``connect_wait_s``: keep trying to connect this long while the socket file does not exist yet, i.e. while
+    the worker is still starting (importing torch and nnU-Net takes seconds; its SuperNode may be faster). A
+    socket file that refuses belongs to a worker that died: that fails at once, so a dead site costs a round
+    nothing beyond its own absence.
     """
     deadline = time.monotonic() + connect_wait_s
     while True:
@@ -95,7 +97,7 @@ def request(path: str, body: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
         try:
             sock.connect(path)
             break
-        except (FileNotFoundError, ConnectionRefusedError):
+        except FileNotFoundError:
             sock.close()
             if time.monotonic() >= deadline:
                 raise
