@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 #: Flower 1.41 SuperExec task polling interval (environment variable read by flower-superexec) and our value.
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_S = "0.25"
+#: Seconds between ``flwr ls`` checks for a run that ended without a result (see ServerNode.follow).
+RUN_STATUS_CHECK_S = 30.0
 
 
 class FederationError(RuntimeError):
@@ -263,6 +265,12 @@ class ServerNode(ProcessGroup):
         return run_id
 
     def follow(self, run_id: str, out: Path, timeout_s: float | None, check: Callable[[], None]) -> dict:
+        """Relay the run's events until its result appears; returns the result or raises FederationError.
+
+        ``check`` raises if a local process died. A run that Flower reports finished without a result (the
+        ServerApp crashed) is noticed through ``flwr ls`` every RUN_STATUS_CHECK_S: each call starts a Python
+        process that costs about 2 s of CPU, which more frequent checks would take from the sites.
+        """
         events = out / EVENTS_FILE
         seen = 0
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -276,7 +284,7 @@ class ServerNode(ProcessGroup):
                     raise FederationError(result.get("error", "job failed"))
                 return result
             check()
-            if time.monotonic() - last_status_check > 5:
+            if time.monotonic() - last_status_check > RUN_STATUS_CHECK_S:
                 last_status_check = time.monotonic()
                 status = self.run_status(run_id)
                 if status.get("status", "").startswith("finished") and read_result(out) is None:
@@ -435,11 +443,17 @@ def _stop_with_launcher() -> None:
 
 
 def terminate_all(popens: Sequence[subprocess.Popen], grace_s: float = 10.0) -> None:
-    """Stop processes and everything in their sessions: SIGTERM to all at once, SIGKILL to those still
-    running ``grace_s`` later (one shared grace period, not one per process)."""
+    """Stop processes and everything they started: SIGTERM to all at once, SIGKILL to those still running
+    ``grace_s`` later (one shared grace period, not one per process).
+
+    Signals go to each process's session and, separately, to every descendant: Flower's SuperExec starts the
+    ServerApp in a session of its own, which a group signal does not reach (it outlived interrupted runs).
+    """
     running = [p for p in popens if p.poll() is None]
+    strays = [pid for p in running for pid in _descendants(p.pid)]
     for popen in running:
         _signal_group(popen, signal.SIGTERM)
+    _signal_pids(strays, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for popen in running:
         try:
@@ -447,6 +461,40 @@ def terminate_all(popens: Sequence[subprocess.Popen], grace_s: float = 10.0) -> 
         except subprocess.TimeoutExpired:
             _signal_group(popen, signal.SIGKILL)
             popen.wait()
+    _signal_pids([pid for pid in strays if _alive(pid)], signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (an orphan's zombie may never be reaped in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _signal_pids(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:

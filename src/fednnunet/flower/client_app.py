@@ -9,6 +9,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fednnunet.array_layout import LayoutError
 from fednnunet.flower.messages import from_record, to_record
 from fednnunet.site import ipc
 
@@ -20,13 +21,16 @@ WORKER_START_WAIT_S = 60.0
 
 def _relay(msg: Message, context: Context) -> Message:
     socket_path = str(context.node_config.get("site-socket", ""))
-    body, arrays = from_record(msg.content)
     if not socket_path:
         reply = {"ok": False, "error": "this SuperNode has no 'site-socket' in its --node-config"}
         return Message(to_record(reply), reply_to=msg)
     try:
+        body, arrays = from_record(msg.content)
+    except LayoutError as err:
+        return Message(to_record({"ok": False, "error": f"malformed message from the server: {err}"}), reply_to=msg)
+    try:
         reply, out = ipc.request(socket_path, body, arrays, connect_wait_s=WORKER_START_WAIT_S)
-    except (OSError, ipc.FrameError) as err:
+    except (OSError, LayoutError) as err:
         reply, out = {"ok": False, "error": f"site worker at {socket_path} unreachable: {err}"}, {}
     return Message(to_record(reply, out), reply_to=msg)
 

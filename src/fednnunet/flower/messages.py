@@ -1,7 +1,9 @@
 """Conversion between our (JSON body, named arrays) messages and Flower records.
 
-Only two things cross the network: a JSON string in a ConfigRecord and numeric arrays in an ArrayRecord (which
-Flower serialises with ``np.save(allow_pickle=False)``). Nothing received is unpickled.
+Only two things cross the network: a ConfigRecord with the JSON body and the arrays' layout, and an ArrayRecord
+holding all arrays packed into one uint8 buffer (see :mod:`fednnunet.array_layout` for why one buffer; Flower
+serialises it with ``np.save(allow_pickle=False)``). Nothing received is unpickled, and a layout that names a
+non-numeric dtype or does not match the buffer is refused.
 """
 
 from __future__ import annotations
@@ -12,23 +14,38 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fednnunet.array_layout import LayoutError, pack, unpack
+
 BODY = "body"
 ARRAYS = "arrays"
+PACKED = "packed"
 
 
 def to_record(body: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> RecordDict:
-    record = RecordDict({BODY: ConfigRecord({"json": json.dumps(body)})})
+    config = ConfigRecord({"json": json.dumps(body)})
+    record = RecordDict({BODY: config})
     if arrays:
-        record[ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        layout, buffer = pack(arrays)
+        config["layout"] = json.dumps(layout)
+        record[ARRAYS] = ArrayRecord({PACKED: Array(buffer)})
     return record
 
 
 def from_record(record: RecordDict) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    body = json.loads(str(record.config_records[BODY]["json"])) if BODY in record.config_records else {}
-    arrays = {}
-    if ARRAYS in record.array_records:
-        arrays = {k: v.numpy() for k, v in record.array_records[ARRAYS].items()}
-    return body, arrays
+    """(body, arrays); the arrays are writable views into one received buffer. Raises LayoutError if malformed."""
+    config = record.config_records.get(BODY)
+    if config is None:
+        return {}, {}
+    try:
+        body = json.loads(str(config["json"]))
+        layout = json.loads(str(config["layout"])) if "layout" in config else []
+    except (KeyError, json.JSONDecodeError) as err:
+        raise LayoutError(f"malformed message body: {err}") from None
+    if not layout:
+        return body, {}
+    if ARRAYS not in record.array_records or PACKED not in record.array_records[ARRAYS]:
+        raise LayoutError("message lists arrays but carries no packed array buffer")
+    return body, unpack(layout, record.array_records[ARRAYS][PACKED].numpy())
 
 
 def record_nbytes(record: RecordDict) -> int:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flwr.app import Message
 
+from fednnunet.array_layout import LayoutError
 from fednnunet.flower.messages import from_record, record_nbytes, to_record
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,11 @@ class FlowerSiteCaller:
                 if msg.has_error():
                     errors[name] = f"Flower error {msg.error.code}: {msg.error.reason}"
                     continue
-                body, out = from_record(msg.content)
+                try:
+                    body, out = from_record(msg.content)
+                except LayoutError as err:
+                    errors[name] = f"malformed reply: {err}"
+                    continue
                 site = str(body.get("result", {}).get("site") or name)
                 if node not in site_of and body.get("ok"):
                     self.node_of[site] = node

@@ -19,15 +19,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from fednnunet.array_layout import LayoutError, describe, parse
+
 _LEN = struct.Struct(">Q")
 #: Largest header accepted (a JSON fingerprint of thousands of cases fits easily).
 MAX_HEADER_BYTES = 64 << 20
 #: Largest array payload accepted in one frame.
 MAX_PAYLOAD_BYTES = 16 << 30
-_ALLOWED_KINDS = "biuf"
 
 
-class FrameError(ValueError):
+class FrameError(LayoutError):
     """A frame that is malformed or not allowed (non-numeric dtype, oversized, truncated)."""
 
 
@@ -43,15 +44,13 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _array_meta(name: str, arr: np.ndarray) -> dict[str, Any]:
-    if arr.dtype.kind not in _ALLOWED_KINDS:
-        raise FrameError(f"array '{name}' has dtype {arr.dtype}; only numeric arrays may be sent")
-    return {"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)}
-
-
 def send_frame(sock: socket.socket, body: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> None:
     arrays = {k: np.ascontiguousarray(v) for k, v in (arrays or {}).items()}
-    header = json.dumps({"body": body, "arrays": [_array_meta(k, v) for k, v in arrays.items()]}).encode()
+    try:
+        layout = [describe(k, v) for k, v in arrays.items()]
+    except LayoutError as err:
+        raise FrameError(str(err)) from None
+    header = json.dumps({"body": body, "arrays": layout}).encode()
     sock.sendall(_LEN.pack(len(header)) + header)
     for arr in arrays.values():
         sock.sendall(memoryview(arr).cast("B"))
@@ -62,19 +61,11 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], dict[str, np.ndarra
     if hlen > MAX_HEADER_BYTES:
         raise FrameError(f"header of {hlen} bytes exceeds {MAX_HEADER_BYTES}")
     header = json.loads(_recv_exact(sock, hlen))
-    metas = header.get("arrays", [])
-    total = 0
-    plan = []
-    for meta in metas:
-        dtype = np.dtype(meta["dtype"])
-        if dtype.kind not in _ALLOWED_KINDS:
-            raise FrameError(f"array '{meta['name']}' has dtype {dtype}; only numeric arrays are accepted")
-        shape = tuple(int(s) for s in meta["shape"])
-        if any(s < 0 for s in shape):
-            raise FrameError(f"array '{meta['name']}' has a negative dimension")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        total += nbytes
-        plan.append((meta["name"], dtype, shape, nbytes))
+    try:
+        plan = parse(header.get("arrays", []))
+    except LayoutError as err:
+        raise FrameError(str(err)) from None
+    total = sum(nbytes for *_, nbytes in plan)
     if total > MAX_PAYLOAD_BYTES:
         raise FrameError(f"payload of {total} bytes exceeds {MAX_PAYLOAD_BYTES}")
     arrays = {name: np.frombuffer(_recv_exact(sock, nbytes), dtype=dtype).reshape(shape)
