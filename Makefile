@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/fednnunet demo --workdir demo_run
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Benchmarks (not part of the tests): they print numbers and write JSON into benchmarks_out/.
 bench: install

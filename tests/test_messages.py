@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fednnunet.array_layout import ALIGN, LayoutError, pack, unpack
-from fednnunet.flower.messages import ARRAYS, BODY, PACKED, from_record, record_nbytes, to_record
+from fednnunet.flower.messages import ARRAYS, BODY, PACKED, PackedArrays, from_record, record_nbytes, to_record
 
 
 def _mixed() -> dict[str, np.ndarray]:
@@ -91,3 +91,11 @@ def test_packed_buffer_must_be_bytes() -> None:
 def test_object_arrays_are_refused_when_packing() -> None:
     with pytest.raises(LayoutError, match="only numeric"):
         pack({"x": np.array([{"a": 1}], dtype=object)})
+
+
+def test_one_packed_model_serves_several_messages() -> None:
+    packed = PackedArrays.of(_mixed())
+    a, b = to_record({"site": "A"}, packed), to_record({"site": "B"}, packed)
+    assert a.array_records[ARRAYS] is b.array_records[ARRAYS]
+    assert from_record(a)[0] == {"site": "A"} and from_record(b)[0] == {"site": "B"}
+    np.testing.assert_array_equal(from_record(b)[1]["conv.weight"], _mixed()["conv.weight"])

@@ -23,8 +23,9 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     from fednnunet.bench import bench_overhead, format_overhead
 
     result = bench_overhead(sites=args.sites, rounds=args.rounds, model=args.model, iterations=args.iterations,
-                            work=Path(args.work) if args.work else None)
-    _emit(args, f"overhead-{args.model}", result, format_overhead(result))
+                            transfer_dtype=args.transfer_dtype, work=Path(args.work) if args.work else None)
+    suffix = "" if args.transfer_dtype == "float32" else f"-{args.transfer_dtype}"
+    _emit(args, f"overhead-{args.model}{suffix}", result, format_overhead(result))
     return 0
 
 
@@ -53,8 +54,9 @@ def cmd_all(args: argparse.Namespace) -> int:
     steps = [
         (cmd_aggregate, dict(sites="2,4,8,16,32,64", params="30e6", repeats=3, modes="ffe,asym,asym_stream")),
         (cmd_planning, dict(sites=3, work=None)),
-        (cmd_overhead, dict(sites=3, rounds=5, model="tiny", iterations=2, work=None)),
-        (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, work=None)),
+        (cmd_overhead, dict(sites=3, rounds=5, model="tiny", iterations=2, transfer_dtype="float32", work=None)),
+        (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, transfer_dtype="float32", work=None)),
+        (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, transfer_dtype="float16", work=None)),
     ]
     for fn, extra in steps:
         print(f"--- {fn.__name__[4:]} {extra} ({time.time() - started:.0f} s elapsed)", flush=True)
@@ -75,6 +77,8 @@ def add_commands(sub) -> None:
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--model", choices=("tiny", "30m"), default="tiny")
     b.add_argument("--iterations", type=int, default=2, help="training iterations per round")
+    b.add_argument("--transfer-dtype", choices=("float32", "float16"), default="float32",
+                   help="model transfer dtype (fednnunet run train --transfer-dtype)")
     b.add_argument("--work", help="work folder (default: a new temporary folder)")
     common(b)
     b.set_defaults(func=cmd_overhead)

@@ -35,7 +35,7 @@ def write_large_plans(preprocessed_dataset: Path, configuration: str = "2d") -> 
 
 
 def bench_overhead(sites: int = 3, rounds: int = 3, model: str = "tiny", iterations: int = 2,
-                   work: Path | None = None) -> dict[str, Any]:
+                   transfer_dtype: str = "float32", work: Path | None = None) -> dict[str, Any]:
     """Run the federation and return medians over rounds plus the per-round records."""
     from fednnunet.data.synthetic import write_demo_federation
 
@@ -53,12 +53,13 @@ def bench_overhead(sites: int = 3, rounds: int = 3, model: str = "tiny", iterati
     if model == "30m":
         for ds in sorted((work / "nnUNet_preprocessed").glob("Dataset9*")):
             plans = write_large_plans(ds)
-    out = work / f"train-{model}"
+    out = work / f"train-{model}-{transfer_dtype}"
     run_timed([fednnunet, "run", "train", " ".join(ids), "2d", "0", "-p", plans, "--rounds", str(rounds),
             "--iterations-per-round", str(iterations), "--val-iterations", "1", "--skip-val", "--da-workers", "0",
-            "--out", str(out)], env, work / f"train-{model}.log", 3600)
+            "--transfer-dtype", transfer_dtype, "--out", str(out)], env, work / f"{out.name}.log", 3600)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return summarize(records, sites=sites, model=model, iterations=iterations, work=work)
+    return summarize(records, sites=sites, model=model, iterations=iterations, transfer_dtype=transfer_dtype,
+                     work=work)
 
 
 #: Parts of a round's overhead, on the critical path (the site whose reply came last); see round_timing().
@@ -116,7 +117,7 @@ def summarize(records: list[dict[str, Any]], **info: Any) -> dict[str, Any]:
 def format_overhead(result: dict[str, Any]) -> str:
     lines = [f"model {result['model']} ({result['params'] / 1e6:.1f} M parameters, "
              f"{result['model_bytes'] / 1e6:.1f} MB), {result['sites']} sites, "
-             f"{result['iterations']} iterations per round",
+             f"{result['iterations']} iterations per round, {result.get('transfer_dtype', 'float32')} transfer",
              "round  wall_s  compute_s  overhead_s  MB/site"]
     for p in result["rounds"]:
         lines.append(f"{p['round']:>5}  {p['round_s']:6.2f}  {p['compute_s']:9.2f}  {p['overhead_s']:10.2f}  "

@@ -431,7 +431,9 @@ class _FoldRun:
             self._reinit(needs_init)
             t0, started_at = time.perf_counter(), time.time()
             targets = [s for s in sites if s not in needs_init]
-            payload = {s: to_wire(models[s if asym else "global"], opts.transfer_dtype) for s in targets}
+            # FFE: one wire copy of the global model serves every site (packed once for Flower)
+            shared = None if asym else to_wire(models["global"], opts.transfer_dtype)
+            payload = {s: to_wire(models[s], opts.transfer_dtype) if asym else shared for s in targets}
             configs = {s: {"round": r, "epoch_end": r * epochs_per_round} for s in targets}
             traffic = self.caller.traffic
             before = {x: (traffic.sent.get(x, 0), traffic.received.get(x, 0)) for x in targets}
@@ -455,7 +457,7 @@ class _FoldRun:
 
             replies, errors = self.caller.try_call("train_round", configs, payload, timeout_s=opts.round_timeout_s,
                                                    on_reply=take)
-            del payload
+            del payload, shared
             exchange_times = dict(getattr(self.caller, "exchange_times", {}))
             round_bytes = {x: {"sent": traffic.sent.get(x, 0) - before[x][0],
                                "received": traffic.received.get(x, 0) - before[x][1]} for x in targets}
@@ -469,7 +471,7 @@ class _FoldRun:
                                    f"at least {min_sites} needed (--min-sites); reasons: " +
                                    "; ".join(f"{s}: {e}" for s, e in sorted(errors.items())))
             saver.wait()  # the previous round's save holds the arrays that aggregation overwrites
-            asym_info = self._aggregate(models, averager)
+            asym_info = self._aggregate(models, averager, asym)
             wall = time.perf_counter() - t0
             timing = round_timing(started_at, time.time(), replies, exchange_times)
             slowest = max(m.get("epoch_seconds", 0.0) for m in metrics.values())
@@ -496,13 +498,14 @@ class _FoldRun:
             self.events.info(f"site {s} could not rebuild its trainer: {e}")
 
     @staticmethod
-    def _aggregate(models: dict[str, Arrays], averager: StreamingAverager | StreamingAsymAverager) -> dict[str, Any]:
+    def _aggregate(models: dict[str, Arrays], averager: StreamingAverager | StreamingAsymAverager,
+                   asym: bool) -> dict[str, Any]:
         """Update ``models`` from the round's averager; sites left out keep their model (asym).
 
         FFE writes the average into the global model's own arrays (``out=``): no new 4 bytes per parameter
         every round. AsymFedAvg gives every site that delivered its new model (averaged groups shared).
         """
-        if isinstance(averager, StreamingAverager):
+        if not asym:
             models["global"] = averager.result(out=models["global"])
             return {}
         new, report = averager.result()

@@ -9,6 +9,7 @@ non-numeric dtype or does not match the buffer is refused.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -21,13 +22,26 @@ ARRAYS = "arrays"
 PACKED = "packed"
 
 
-def to_record(body: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> RecordDict:
+@dataclass(frozen=True)
+class PackedArrays:
+    """Arrays already packed for a record: packing once serves every message that carries the same model."""
+
+    layout: str
+    record: ArrayRecord
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> "PackedArrays":
+        layout, buffer = pack(arrays)
+        return cls(json.dumps(layout), ArrayRecord({PACKED: Array(buffer)}))
+
+
+def to_record(body: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | PackedArrays | None = None) -> RecordDict:
     config = ConfigRecord({"json": json.dumps(body)})
     record = RecordDict({BODY: config})
     if arrays:
-        layout, buffer = pack(arrays)
-        config["layout"] = json.dumps(layout)
-        record[ARRAYS] = ArrayRecord({PACKED: Array(buffer)})
+        packed = arrays if isinstance(arrays, PackedArrays) else PackedArrays.of(arrays)
+        config["layout"] = packed.layout
+        record[ARRAYS] = packed.record
     return record
 
 

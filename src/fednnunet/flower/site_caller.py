@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Message
 
 from fednnunet.array_layout import LayoutError
-from fednnunet.flower.messages import from_record, record_nbytes, to_record
+from fednnunet.flower.messages import PackedArrays, from_record, record_nbytes, to_record
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +113,14 @@ class FlowerSiteCaller:
                            ) -> tuple[dict[str, Reply], dict[str, str]]:
         site_of = {n: s for s, n in self.node_of.items()}
         messages, sent_bytes = [], {}
+        packed: dict[int, PackedArrays] = {}  # sites sent the same arrays object share one packed copy
         for node, (config, arrays) in payloads.items():
-            record = to_record({"op": op, "config": config}, arrays)
+            if arrays and id(arrays) not in packed:
+                packed[id(arrays)] = PackedArrays.of(arrays)
+            record = to_record({"op": op, "config": config}, packed.get(id(arrays)) if arrays else None)
             sent_bytes[node] = record_nbytes(record)
             messages.append(Message(record, dst_node_id=node, message_type=self.message_type))
+        del packed
         ids = list(self.grid.push_messages(messages))
         pushed_at = time.time()
         pending = dict(zip(ids, payloads))
