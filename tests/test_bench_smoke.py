@@ -1,12 +1,17 @@
 """Smoke tests of the benchmarks (issue 6): they run and return their keys. Not benchmarks themselves.
 
-The planning benchmark (two full nnU-Net planning runs and a federation) is too slow for the default
-tests; it is only checked for its argument handling here and run by hand (``fednnunet bench planning``).
+The overhead benchmark runs here at its smallest (one site, two rounds of the tiny model: about a minute).
+The planning benchmark (three full nnU-Net planning runs per site and a federation) is too slow for the
+default tests; it is only checked for its argument handling here and run by hand (``fednnunet bench planning``).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -77,13 +82,11 @@ def test_bench_planning_refuses_a_used_folder(tmp_path):
         bench_planning(sites=2, work=tmp_path)
 
 
-def test_bench_aggregate_command_prints_json_keys():
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+FEDNNUNET = str(Path(sys.executable).parent / "fednnunet")
 
-    res = subprocess.run([str(Path(sys.executable).parent / "fednnunet"), "bench", "aggregate", "--sites", "2",
+
+def test_bench_aggregate_command_prints_json_keys():
+    res = subprocess.run([FEDNNUNET, "bench", "aggregate", "--sites", "2",
                           "--params", "1e5", "--repeats", "1", "--modes", "ffe", "--json"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -123,3 +126,18 @@ def test_overhead_breakdown_follows_the_last_reply() -> None:
     assert parts["down_s"] == pytest.approx(1.5) and parts["up_s"] == pytest.approx(1.0)
     assert parts["site_extra_s"] == pytest.approx(0.5)
     assert parts["gap_s"] == pytest.approx(0.3)  # only round 1 has a next round
+
+
+def test_bench_overhead_command_runs_a_federation_and_prints_its_keys(tmp_path: Path) -> None:
+    res = subprocess.run([FEDNNUNET, "bench", "overhead", "--sites", "1", "--rounds", "2", "--model", "tiny",
+                          "--json", "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout)
+    assert {"overhead_s_median", "round_s_median", "compute_s_median", "bytes_per_site_per_round",
+            "model_bytes", "breakdown_s_median"} <= set(result)
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    assert 0 < result["compute_s_median"] < result["round_s_median"]
+    assert result["overhead_s_median"] == pytest.approx(result["round_s_median"] - result["compute_s_median"],
+                                                        abs=1.0)
+    # one download and one upload of the de-duplicated float32 model per site per round (packing adds < 0.1 %)
+    assert 2.0 <= result["bytes_per_site_per_round"] / result["model_bytes"] < 2.01
