@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+#: The synthetic 2D site that the site-trainer and prediction tests share (planned once per test session).
+PLANNED_SITE_ID = 901
 
 
 def nnunet_env(root: Path) -> dict[str, str]:
@@ -14,3 +22,36 @@ def nnunet_env(root: Path) -> dict[str, str]:
         env[var] = str(root / var)
         (root / var).mkdir(parents=True, exist_ok=True)
     return env
+
+
+def trainer_env(root: Path, results: Path) -> dict[str, str]:
+    """nnU-Net folders under ``root`` but results in ``results`` (so that tests sharing one planned site
+    train into their own folders), set for a small CPU machine."""
+    env = nnunet_env(root)
+    results.mkdir(parents=True, exist_ok=True)
+    env["nnUNet_results"] = str(results)
+    env["nnUNet_def_n_proc"] = "1"  # validation/export worker pools
+    env.pop("nnUNet_n_proc_DA", None)  # the planner calls torch.set_num_threads(nnUNet_n_proc_DA)
+    env.pop("nnUNet_compile", None)
+    return env
+
+
+def run_logged(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> None:
+    """Run ``cmd`` with its output in ``log``; fail with the log's tail."""
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{cmd[0]} failed with {proc.returncode}; log tail:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def planned_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root whose nnUNet_raw / nnUNet_preprocessed hold Dataset901 planned by stock nnU-Net (2d)."""
+    from fednnunet.data.synthetic import write_demo_federation
+
+    root = tmp_path_factory.mktemp("planned_site")
+    env = trainer_env(root, root / "nnUNet_results")
+    write_demo_federation(root / "nnUNet_raw", first_id=PLANNED_SITE_ID, sites=1, dim=2, seed=0)
+    run_logged([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(PLANNED_SITE_ID), "-c", "2d", "-np", "1",
+                "-npfp", "1"], env, root / "plan.log", timeout=600)
+    return root

@@ -2,23 +2,21 @@
 predictor, and score them.
 
 Everything that imports nnunetv2 runs in subprocesses with the nnUNet_* variables set (``nnunetv2.paths`` reads
-them once, at import). One driver run per module; the tests assert on its JSON report. About 60-90 s on a
-2-core CPU (planning ~15 s, build + 2 iterations ~15 s, prediction with worker start-up ~20 s).
+them once, at import). One driver run per module, on conftest's ``planned_site`` (planned once per session,
+shared with test_site_trainer.py) with its own results folder; the tests assert on the driver's JSON report.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-BIN = Path(sys.executable).parent
-DATASET_ID = 911
+from conftest import PLANNED_SITE_ID as DATASET_ID
+from conftest import run_logged, trainer_env
 
 _DRIVER = textwrap.dedent('''
     import json
@@ -28,13 +26,15 @@ _DRIVER = textwrap.dedent('''
 
 
     def main(root, report_path):
+        import os
+
         from fednnunet.evaluation.predict import case_input_files, held_out_cases, predict_cases
         from fednnunet.evaluation.report import evaluate_predictions
         from fednnunet.site.trainer import SiteTrainer
 
         root = Path(root)
-        raw = next((root / "raw").glob("DatasetDATASET_ID_*"))
-        pre = root / "preprocessed" / raw.name
+        raw = next(Path(os.environ["nnUNet_raw"]).glob("DatasetDATASET_ID_*"))
+        pre = Path(os.environ["nnUNet_preprocessed"]) / raw.name
         report = {}
         st = SiteTrainer(DATASET_ID, "2d", fold=0, device="cpu", total_epochs=1, iterations_per_epoch=2,
                          val_iterations=1, num_workers=0)
@@ -74,30 +74,14 @@ _DRIVER = textwrap.dedent('''
 ''').replace("DATASET_ID", str(DATASET_ID))
 
 
-def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> None:
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{cmd[0]} failed with {proc.returncode}; log tail:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from fednnunet.data.synthetic import write_demo_federation
-
+def run(planned_site: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("predict")
-    env = dict(os.environ)
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
-               nnUNet_results=str(root / "results"), nnUNet_def_n_proc="1")
-    env.pop("nnUNet_n_proc_DA", None)  # the planner calls torch.set_num_threads(nnUNet_n_proc_DA)
-    env.pop("nnUNet_compile", None)
-    write_demo_federation(root / "raw", first_id=DATASET_ID, sites=1, dim=2, seed=0)
-    _run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1"],
-         env, root / "plan.log", timeout=600)
+    env = trainer_env(planned_site, root / "results")
     driver = root / "driver.py"
     driver.write_text(_DRIVER)
     report_path = root / "report.json"
-    _run([sys.executable, str(driver), str(root), str(report_path)], env, root / "driver.log", timeout=900)
+    run_logged([sys.executable, str(driver), str(root), str(report_path)], env, root / "driver.log", timeout=900)
     report = json.loads(report_path.read_text())
     report["root"] = str(root)
     return report

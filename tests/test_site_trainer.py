@@ -5,15 +5,14 @@ dynamic_network_architectures (which does not import nnunetv2). Everything that 
 subprocesses: ``nnunetv2.paths`` reads nnUNet_raw/nnUNet_preprocessed/nnUNet_results once, at import, so a
 pytest process that imported nnunetv2 with other paths would silently use the wrong folders.
 
-The integration run (a real 2D synthetic site, 3 + 2 iterations per epoch, no augmentation workers) is done
-once per module by a driver script that records what it saw in a JSON report; the tests assert on it.
+The integration run (conftest's planned 2D synthetic site, 3 + 2 iterations per epoch, no augmentation
+workers, its own results folder) is done once per module by a driver script that records what it saw in a JSON
+report; the tests assert on it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -22,10 +21,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import BIN, run_logged, trainer_env
+from conftest import PLANNED_SITE_ID as DATASET_ID
 from fednnunet.site.weights import alias_map, load_unique_state, unique_state, unique_tensors, unwrap
-
-BIN = Path(sys.executable).parent
-DATASET_ID = 901
 
 # ----------------------------------------------------------------------------------------------- pure tests
 
@@ -297,40 +295,17 @@ _DRIVER = textwrap.dedent('''
 ''').replace("DATASET_ID", str(DATASET_ID))
 
 
-def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> None:
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
-        tail = log.read_text()[-4000:]
-        raise AssertionError(f"{cmd[0]} failed with {proc.returncode}; log tail:\n{tail}")
-
-
-def _nnunet_env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
-               nnUNet_results=str(root / "results"),
-               nnUNet_def_n_proc="1")  # validation/export worker pools: 1 on a small CPU machine
-    # The planner calls torch.set_num_threads(nnUNet_n_proc_DA); the site trainer sets it itself (num_workers).
-    env.pop("nnUNet_n_proc_DA", None)
-    env.pop("nnUNet_compile", None)
-    return env
-
-
 @pytest.fixture(scope="module")
-def site_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from fednnunet.data.synthetic import write_demo_federation
-
+def site_run(planned_site: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("site")
-    env = _nnunet_env(root)
-    write_demo_federation(root / "raw", first_id=DATASET_ID, sites=1, dim=2, seed=0)
-    _run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1"],
-         env, root / "plan.log", timeout=600)
+    env = trainer_env(planned_site, root / "results")
     driver = root / "driver.py"
     driver.write_text(_DRIVER)
     report_path = root / "report.json"
-    _run([sys.executable, str(driver), str(report_path)], env, root / "driver.log", timeout=900)
+    run_logged([sys.executable, str(driver), str(report_path)], env, root / "driver.log", timeout=900)
     report = json.loads(report_path.read_text())
     report["root"] = str(root)
+    report["raw"] = env["nnUNet_raw"]
     report["env"] = env
     return report
 
@@ -402,7 +377,7 @@ def test_pretrained_weights_and_fold_all(site_run: dict) -> None:
     assert r["both_error"] is not None and "mutually exclusive" in r["both_error"]
     assert r["pretrained_folder"].endswith("nnUNetTrainer__nnUNetPlans__2d/fold_all")
     assert r["pretrained_epoch"] == 0
-    raw = next((Path(r["root"]) / "raw").glob(f"Dataset{DATASET_ID}_*"))
+    raw = next(Path(r["raw"]).glob(f"Dataset{DATASET_ID}_*"))
     assert r["pretrained_num_training_cases"] == len(list((raw / "labelsTr").glob("*.nii.gz")))  # every case
     assert r["metrics"][0]["num_training_cases"] < r["pretrained_num_training_cases"]  # fold 0: 4/5 of them
     assert r["pretrained_equal_except_heads"] and r["pretrained_heads_not_loaded"]
@@ -410,14 +385,15 @@ def test_pretrained_weights_and_fold_all(site_run: dict) -> None:
 
 def test_nnunet_predict_uses_the_site_folder_as_is(site_run: dict) -> None:
     root = Path(site_run["root"])
-    images = sorted((next((root / "raw").glob(f"Dataset{DATASET_ID}_*")) / "imagesTr").glob("*_0000.nii.gz"))[:2]
+    raw = next(Path(site_run["raw"]).glob(f"Dataset{DATASET_ID}_*"))
+    images = sorted((raw / "imagesTr").glob("*_0000.nii.gz"))[:2]
     subset = root / "predict_in"
     subset.mkdir()
     for image in images:
         (subset / image.name).symlink_to(image)
     out = root / "predict_out"
-    _run([str(BIN / "nnUNetv2_predict"), "-i", str(subset), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d",
-          "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-         site_run["env"], root / "predict.log", timeout=600)
+    run_logged([str(BIN / "nnUNetv2_predict"), "-i", str(subset), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d",
+                "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+               site_run["env"], root / "predict.log", timeout=600)
     written = sorted(p.name for p in out.glob("*.nii.gz"))
     assert written == sorted(i.name.replace("_0000.nii.gz", ".nii.gz") for i in images)
