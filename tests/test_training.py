@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fednnunet.federation.training import TrainOptions, load_models, load_state, round_line, save_state
+from fednnunet.launch import descendants, is_running
 
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "OMP_NUM_THREADS")
 TRAIN_FLAGS = ["--rounds", "2", "--iterations-per-round", "2", "--val-iterations", "1", "--da-workers", "0"]
@@ -376,11 +377,14 @@ def test_crash_of_the_whole_federation_then_resume(federation: Path, tmp_path: P
             if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
                 break
             time.sleep(0.3)
+        tree = descendants(proc.pid)  # SuperLink, SuperExecs, the ServerApp, SuperNodes, site workers
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the launcher stops every process it started
         proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
+    survivors = [pid for pid in tree if is_running(pid)]  # incl. the ServerApp, which runs in its own session
+    assert not survivors, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in survivors]
     state = load_state(out)
     assert state is not None and 2 <= int(state["round"]) < 4
     crashed_at = int(state["round"])

@@ -450,7 +450,7 @@ def terminate_all(popens: Sequence[subprocess.Popen], grace_s: float = 10.0) -> 
     ServerApp in a session of its own, which a group signal does not reach (it outlived interrupted runs).
     """
     running = [p for p in popens if p.poll() is None]
-    strays = [pid for p in running for pid in _descendants(p.pid)]
+    strays = [pid for p in running for pid in descendants(p.pid)]
     for popen in running:
         _signal_group(popen, signal.SIGTERM)
     _signal_pids(strays, signal.SIGTERM)
@@ -461,10 +461,10 @@ def terminate_all(popens: Sequence[subprocess.Popen], grace_s: float = 10.0) -> 
         except subprocess.TimeoutExpired:
             _signal_group(popen, signal.SIGKILL)
             popen.wait()
-    _signal_pids([pid for pid in strays if _alive(pid)], signal.SIGKILL)
+    _signal_pids([pid for pid in strays if is_running(pid)], signal.SIGKILL)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` in the process tree (Linux /proc; empty elsewhere)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -481,7 +481,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
     """Running and not a zombie (an orphan's zombie may never be reaped in a container)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
