@@ -174,11 +174,14 @@ def test_resume_continues_at_the_next_round(federation: Path) -> None:
 
 
 def test_asym_training_end_to_end(federation: Path) -> None:
+    """AsymFedAvg over real sites, with 16-bit transfer (sites reply changes; the server adds them to its copy)."""
+    import torch
+
     assert _run_cli(["run", "plan_and_preprocess", "901 902", "-c", "2d", "--asym",
                      "--out", str(federation / "plan_asym")]) == 0
     out = federation / "train_asym"
     assert _run_cli(["run", "train", "901 902", "2d", "0", "--asym", "--skip-val", *TRAIN_FLAGS,
-                     "--out", str(out)]) == 0
+                     "--transfer-dtype", "float16", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["ok"] and result["rounds"] == 2 and "global_model" not in result
     for dataset in ("901", "902"):
@@ -187,16 +190,27 @@ def test_asym_training_end_to_end(federation: Path) -> None:
     assert [x["round"] for x in lines] == [1, 2]
     fractions = lines[-1]["asym_fraction_averaged"]
     assert set(fractions) == {"901", "902"} and all(0.0 < f <= 1.0 for f in fractions.values())
+    for line in lines:  # half the model each way (plus the packed layout's alignment)
+        for site, traffic in line["bytes"].items():
+            half = line["model_bytes"][site] / 2
+            assert half <= traffic["sent"] < 1.01 * half and half <= traffic["received"] < 1.01 * half
+    for dataset in ("901", "902"):
+        weights = _weights(_site_folder(federation, dataset) / "fold_0" / "checkpoint_final.pth")
+        assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 # --- the server loop against fake sites (no processes) -------------------------------------------------------------
 class _FakeCaller:
     """Sites that answer like site workers: each 'epoch' adds the site's number to every weight."""
 
-    def __init__(self, shapes: dict[str, dict[str, tuple[int, ...]]], fail: dict[tuple[str, int], str]) -> None:
+    def __init__(self, shapes: dict[str, dict[str, tuple[int, ...]]], fail: dict[tuple[str, int], str],
+                 step: float | None = None, delta_dtype: str | None = None) -> None:
+        """``step``: what an 'epoch' adds (default: the site's number); ``delta_dtype``: reply like a real site
+        with a narrower transfer dtype, i.e. the change from the received weights (aggregation/wire.py)."""
         from fednnunet.flower.site_caller import TrafficCounter
 
         self.shapes, self.fail, self.traffic = shapes, fail, TrafficCounter()
+        self.step, self.delta_dtype = step, delta_dtype
         self.received: dict[int, dict[str, dict[str, np.ndarray]]] = {}
 
     def broadcast(self, op, config, arrays=None, timeout_s=None):
@@ -233,9 +247,17 @@ class _FakeCaller:
                 if (site, r) in self.fail:
                     errors[site] = self.fail[(site, r)]
                     continue
-                update = {k: v + float(site) for k, v in arrays[site].items()}
-                replies[site] = ({"metrics": {"train_loss": 1.0 / r, "val_loss": 1.0, "mean_fg_dice": 0.5,
-                                              "epoch_seconds": 0.01, "num_training_cases": int(site)}}, update)
+                step = float(site) if self.step is None else self.step
+                update = {k: v + step for k, v in arrays[site].items()}
+                result = {"metrics": {"train_loss": 1.0 / r, "val_loss": 1.0, "mean_fg_dice": 0.5,
+                                      "epoch_seconds": 0.01, "num_training_cases": int(site)}}
+                if self.delta_dtype:
+                    from fednnunet.aggregation import delta_to_wire
+
+                    received = {k: v.astype(np.float32) for k, v in arrays[site].items()}
+                    trained = {k: v + np.float32(step) for k, v in received.items()}
+                    update, result["delta"] = delta_to_wire(trained, received, self.delta_dtype), True
+                replies[site] = (result, update)
             elif op == "train_finish":
                 replies[site] = ({"output_folder": f"/results/{site}"}, {})
         return replies, errors
@@ -413,3 +435,21 @@ def test_float16_transfer_halves_bytes_and_keeps_the_average(tmp_path: Path) -> 
                                rtol=1e-3)
     saved = load_models(tmp_path / "float16", load_state(tmp_path / "float16"))["global"]["w"]
     assert saved.dtype == np.float32  # the server keeps the model in its own precision
+
+
+@pytest.mark.parametrize("delta", [True, False])
+def test_float16_transfer_keeps_changes_finer_than_float16(tmp_path: Path, delta: bool) -> None:
+    """Weights at 1.0, where float16's step is 2**-10 (~1e-3); every round moves them by 1e-4. Sites reply the
+    change (as real sites do): the global model gains 3e-4 in 3 rounds. Replying the weights themselves in
+    float16 would round every round's progress away."""
+    from fednnunet.federation.events import EventLog
+    from fednnunet.federation.training import run_training_task
+
+    shapes = {"1": {"w": (4,)}, "3": {"w": (4,)}}
+    caller = _FakeCaller(shapes, {}, step=1e-4, delta_dtype="float16" if delta else None)
+    run_training_task(_job(tmp_path, False, transfer_dtype="float16"), caller, EventLog(tmp_path / "events.jsonl"))
+    final = load_models(tmp_path, load_state(tmp_path))["global"]["w"]
+    if delta:
+        np.testing.assert_allclose(final, 1.0 + 3e-4, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(final, 1.0)

@@ -17,7 +17,7 @@ from fednnunet.aggregation.validation import (
     validate_metrics,
     validate_update,
 )
-from fednnunet.aggregation.wire import WIRE_DTYPES, from_wire, to_wire, wire_spec
+from fednnunet.aggregation.wire import WIRE_DTYPES, delta_to_wire, from_wire, to_wire, wire_spec
 
 __all__ = [
     "AsymReport",
@@ -31,6 +31,7 @@ __all__ = [
     "validate_metrics",
     "validate_update",
     "WIRE_DTYPES",
+    "delta_to_wire",
     "from_wire",
     "to_wire",
     "wire_spec",

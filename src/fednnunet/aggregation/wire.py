@@ -3,6 +3,13 @@
 Sending float16 instead of float32 halves the bytes per round. Only the transfer is reduced: the server
 averages in float64 and keeps the global model in the network's own dtype, sites train in full precision, and
 the first and the final model (``train_init`` / ``train_finish``) travel in full precision.
+
+A site replies with the *change* from the weights it received (:func:`delta_to_wire`), which the server adds to
+its own full-precision copy of what it sent (:func:`from_wire` with ``base``). Why: a round's change to a weight is
+often smaller than float16's resolution at the weight's magnitude (about 5e-4 relative), so sending the trained
+weights themselves in float16 rounds part of every round's progress away, and the global model would be
+re-rounded each round; the change itself keeps float16's relative precision, and the global model never leaves
+full precision on the server.
 """
 
 from __future__ import annotations
@@ -33,6 +40,25 @@ def wire_spec(spec: ModelSpec, wire_dtype: str) -> ModelSpec:
                       for k, (shape, dt) in spec.params.items()})
 
 
-def from_wire(arrays: Mapping[str, np.ndarray], spec: ModelSpec) -> dict[str, np.ndarray]:
-    """Arrays back in the model's own dtypes (after :func:`validate_update` against :func:`wire_spec`)."""
-    return {k: a if a.dtype.name == spec.params[k][1] else a.astype(spec.params[k][1]) for k, a in arrays.items()}
+def delta_to_wire(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray],
+                  wire_dtype: str) -> dict[str, np.ndarray]:
+    """A site's reply: for every array the transfer narrows, its change from ``received``; others as they are."""
+    wire = np.dtype(wire_dtype)
+    return {k: (a - received[k]).astype(wire) if _narrower(a.dtype, wire) else a for k, a in trained.items()}
+
+
+def from_wire(arrays: Mapping[str, np.ndarray], spec: ModelSpec,
+              base: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Arrays back in the model's own dtypes (after :func:`validate_update` against :func:`wire_spec`).
+
+    ``base``: the reply holds changes (:func:`delta_to_wire`) from these weights, the full-precision copy of
+    what was sent; the narrowed arrays become ``base + change``.
+    """
+    out = {}
+    for k, a in arrays.items():
+        dtype = spec.params[k][1]
+        if a.dtype.name == dtype:
+            out[k] = a
+        else:
+            out[k] = a.astype(dtype) if base is None else base[k] + a.astype(dtype)
+    return out

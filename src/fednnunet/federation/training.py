@@ -447,7 +447,9 @@ class _FoldRun:
                     _metrics_ok(result.get("metrics"))
                 except UpdateRejected as err:
                     return f"update rejected: {err}"
-                weights = from_wire(update, specs[site])
+                # a reply with "delta" holds changes from what this server sent (see aggregation/wire.py)
+                sent = models[site if asym else "global"] if result.get("delta") is True else None
+                weights = from_wire(update, specs[site], base=sent)
                 if asym:
                     averager.add(site, weights, weight_of[site])
                 else:

@@ -9,7 +9,8 @@ session turns the server's three training messages into SiteTrainer calls:
   write the global model in nnU-Net's layout (plans/dataset/fingerprint JSONs, checkpoint metadata, the alias
   keys of the full ``state_dict``);
 * ``round``: load the received weights into the live network, run ``epochs_per_round`` nnU-Net epochs, save
-  ``checkpoint_latest.pth`` (so the site can resume), reply with the weights and the epoch metrics;
+  ``checkpoint_latest.pth`` (so the site can resume), reply with the weights (their change from the received
+  ones: see aggregation/wire.py) and the epoch metrics;
 * ``finish``: load the final aggregated weights, write ``checkpoint_final.pth`` and run nnU-Net's final
   validation.
 """
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fednnunet.aggregation import ModelSpec, from_wire, to_wire, validate_update, wire_spec
+from fednnunet.aggregation import ModelSpec, delta_to_wire, from_wire, to_wire, validate_update, wire_spec
 from fednnunet.site.trainer import SiteTrainer, load_trainer_class
 from fednnunet.site.weights import unique_tensors, unwrap
 
@@ -125,11 +126,13 @@ class TrainingSession:
         epoch_end = config.get("epoch_end")
         if epoch_end is not None and t.current_epoch >= int(epoch_end):
             return self._replay(int(epoch_end))
+        received = None
         if arrays:
             # What arrives from the network is checked like the server checks site updates: exactly this
             # network's parameters, shapes and dtypes (as sent), finite values.
             validate_update(arrays, wire_spec(self.spec, self.transfer_dtype))
-            t.set_weights(from_wire(arrays, self.spec))
+            received = from_wire(arrays, self.spec)
+            t.set_weights(received)
         remaining = t.num_epochs - t.current_epoch
         epochs = min(int(config.get("epochs", self.epochs_per_round)), remaining)
         if epochs < 1:
@@ -148,7 +151,9 @@ class TrainingSession:
         for key in ("train_loss", "val_loss", "mean_fg_dice", "ema_fg_dice", "lr"):
             metrics[key] = _clean(metrics[key])
         metrics["epochs"] = epochs
-        return {"metrics": metrics}, to_wire(t.get_weights(), self.transfer_dtype)
+        if received is None:
+            return {"metrics": metrics}, to_wire(t.get_weights(), self.transfer_dtype)
+        return {"metrics": metrics, "delta": True}, delta_to_wire(t.get_weights(), received, self.transfer_dtype)
 
     def _replay(self, epoch_end: int) -> tuple[dict[str, Any], Arrays]:
         """Answer a round this site already trained before a crash, without training it again.
