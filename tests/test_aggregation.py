@@ -439,3 +439,26 @@ def test_streaming_asym_errors(asym_sites) -> None:
     agg.add("A", asym_sites["A"], 1.0)
     with pytest.raises(ValueError, match="already added"):
         agg.add("A", asym_sites["A"], 1.0)
+
+
+def test_wire_casts_are_numpys_bits_and_changes_round_trip() -> None:
+    """The float16 cast (done by torch for speed) gives numpy's bits, subnormals and specials included; a reply
+    of changes restores the trained weights to float16's precision of the change, not of the weight."""
+    from fednnunet.aggregation import ModelSpec, delta_to_wire, from_wire, to_wire
+
+    rng = np.random.default_rng(0)
+    special = np.array([0.0, -0.0, 1e-9, 3e-8, 6.0e-5, 0.1, 65504.0, 7e4, np.inf, -np.inf, np.nan], np.float32)
+    arrays = {"w": np.concatenate([special, (rng.standard_normal(10_000) * 1e-6).astype(np.float32)]),
+              "steps": np.arange(4, dtype=np.int64)}
+    with np.errstate(over="ignore"):
+        expected = arrays["w"].astype(np.float16)
+    wire = to_wire(arrays, "float16")
+    np.testing.assert_array_equal(wire["w"].view(np.uint16), expected.view(np.uint16))
+    assert wire["steps"] is arrays["steps"]
+
+    received = {"w": rng.standard_normal(1000).astype(np.float16).astype(np.float32), "steps": arrays["steps"]}
+    trained = {"w": received["w"] + (rng.standard_normal(1000) * 1e-4).astype(np.float32), "steps": arrays["steps"]}
+    spec = ModelSpec.of(trained)
+    restored = from_wire(delta_to_wire(trained, received, "float16"), spec, base=received)
+    assert restored["w"].dtype == np.float32 and restored["steps"] is arrays["steps"]
+    np.testing.assert_allclose(restored["w"], trained["w"], rtol=0, atol=1e-4 * 2 ** -10 * 8)

@@ -27,10 +27,23 @@ def _narrower(dtype: np.dtype, wire: np.dtype) -> bool:
     return dtype.kind == "f" and dtype.itemsize > wire.itemsize
 
 
+def _narrow(a: np.ndarray, wire: np.dtype) -> np.ndarray:
+    """``a.astype(wire)`` with the same bits, cast by torch when ``wire`` is float16.
+
+    Why: numpy's float32 -> float16 cast takes a slow path for every value that becomes subnormal in float16
+    (below 6.1e-5), which most of a round's weight changes are: 2.1 s for 31 M of them here, 0.04 s with torch.
+    """
+    if wire != np.float16:
+        return a.astype(wire)
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a)).to(torch.float16).numpy()
+
+
 def to_wire(arrays: Mapping[str, np.ndarray], wire_dtype: str) -> dict[str, np.ndarray]:
     """Floating arrays wider than ``wire_dtype`` cast to it; everything else unchanged."""
     wire = np.dtype(wire_dtype)
-    return {k: a.astype(wire) if _narrower(a.dtype, wire) else a for k, a in arrays.items()}
+    return {k: _narrow(a, wire) if _narrower(a.dtype, wire) else a for k, a in arrays.items()}
 
 
 def wire_spec(spec: ModelSpec, wire_dtype: str) -> ModelSpec:
@@ -44,7 +57,7 @@ def delta_to_wire(trained: Mapping[str, np.ndarray], received: Mapping[str, np.n
                   wire_dtype: str) -> dict[str, np.ndarray]:
     """A site's reply: for every array the transfer narrows, its change from ``received``; others as they are."""
     wire = np.dtype(wire_dtype)
-    return {k: (a - received[k]).astype(wire) if _narrower(a.dtype, wire) else a for k, a in trained.items()}
+    return {k: _narrow(a - received[k], wire) if _narrower(a.dtype, wire) else a for k, a in trained.items()}
 
 
 def from_wire(arrays: Mapping[str, np.ndarray], spec: ModelSpec,
