@@ -464,15 +464,20 @@ def terminate_all(popens: Sequence[subprocess.Popen], grace_s: float = 10.0) -> 
     _signal_pids([pid for pid in strays if is_running(pid)], signal.SIGKILL)
 
 
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, parent pid, ...); None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` in the process tree (Linux /proc; empty elsewhere)."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        if (fields := _proc_stat(entry.name)) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     found, todo = [], list(children.get(pid, []))
     while todo:
         child = todo.pop()
@@ -483,10 +488,8 @@ def descendants(pid: int) -> list[int]:
 
 def is_running(pid: int) -> bool:
     """Running and not a zombie (an orphan's zombie may never be reaped in a container)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
 
 
 def _signal_pids(pids: Sequence[int], sig: int) -> None:

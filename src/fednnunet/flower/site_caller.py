@@ -117,10 +117,9 @@ class FlowerSiteCaller:
         for node, (config, arrays) in payloads.items():
             if arrays and id(arrays) not in packed:
                 packed[id(arrays)] = PackedArrays.of(arrays)
-            record = to_record({"op": op, "config": config}, packed.get(id(arrays)) if arrays else None)
+            record = to_record({"op": op, "config": config}, packed.get(id(arrays)))
             sent_bytes[node] = record_nbytes(record)
             messages.append(Message(record, dst_node_id=node, message_type=self.message_type))
-        del packed
         ids = list(self.grid.push_messages(messages))
         pushed_at = time.time()
         pending = dict(zip(ids, payloads))
