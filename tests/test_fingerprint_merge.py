@@ -12,8 +12,8 @@ import pytest
 
 from fednnunet.fingerprint.checks import FederationDataError, check_compatible
 from fednnunet.fingerprint.merge import PERCENTILES, SiteSummary, assemble_fingerprint, samples_per_case
-from fednnunet.fingerprint.order_stats import (OrderStatisticSearch, count_in_buckets, float_to_key, key_to_float,
-                                               linear_percentiles, percentile_ranks)
+from fednnunet.fingerprint.order_stats import (OrderStatisticSearch, coarse_histogram, count_in_buckets, float_to_key,
+                                               key_to_float, linear_percentiles, percentile_ranks, pool_coarse)
 from fednnunet.fingerprint.protocol import _exact_percentiles
 from fednnunet.fingerprint.site_samples import LocalSamples, _CaseResult
 
@@ -55,11 +55,14 @@ class _LocalCaller:
                             for i, r in enumerate(config["requests"])}) for site, s in self.samples.items()}
 
 
-def _federate(sites: list[list[_CaseResult]], num_channels: int) -> tuple[dict, int]:
+def _federate(sites: list[list[_CaseResult]], num_channels: int, coarse: bool = True) -> tuple[dict, int]:
+    """The pooled fingerprint and the number of count rounds; ``coarse``: sites send coarse histograms with their
+    summaries, as the sampling reply does."""
     samples = {f"s{i}": LocalSamples(f"s{i}", cases, num_channels) for i, cases in enumerate(sites)}
     summaries = [SiteSummary.from_dict(name, s.summary()) for name, s in samples.items()]
     caller = _LocalCaller(samples)
-    percentiles, rounds = _exact_percentiles(caller, summaries, lambda m: None)
+    sample_arrays = {name: s.coarse_histograms() for name, s in samples.items()} if coarse else None
+    percentiles, rounds = _exact_percentiles(caller, summaries, lambda m: None, sample_arrays)
     return assemble_fingerprint(summaries, percentiles), rounds
 
 
@@ -82,11 +85,48 @@ def test_very_different_intensity_ranges_merge_exactly():
     rng = np.random.default_rng(0)
     site_a = [_case(f"a{i}", [_rng_samples(rng, 5000, 160, 30)]) for i in range(4)]
     site_b = [_case(f"b{i}", [_rng_samples(rng, 5000, 450, 40)]) for i in range(6)]
-    fp, rounds = _federate([site_a, site_b], 1)
     ref = _nnunet_pooled_stats([site_a, site_b], 1)
+    fp, rounds = _federate([site_a, site_b], 1)
     _assert_matches(fp, ref)
-    assert rounds == 2  # float32 keys: two count rounds after min/max
+    assert rounds == 1  # float32 keys: the coarse histograms fix the top 16 bits, one count round the rest
     assert fp["foreground_intensity_properties_per_channel"]["0"]["std"] > 130
+    fp_without, rounds_without = _federate([site_a, site_b], 1, coarse=False)
+    assert fp_without == fp and rounds_without == 2  # from the pooled min/max: two rounds, same result
+
+
+def test_sites_with_different_sample_types_search_from_min_max():
+    # A float64 site puts the search in float64 keys; a float32 site's coarse bins are in the other key space.
+    rng = np.random.default_rng(7)
+    site_a = [_case("a0", [_rng_samples(rng, 3000, 10, 3)])]
+    site_b = [_case("b0", [_rng_samples(rng, 3000, 12, 3, np.float64)])]
+    fp, rounds = _federate([site_a, site_b], 1)
+    _assert_matches(fp, _nnunet_pooled_stats([site_a, site_b], 1))
+    assert rounds == 4  # 64-bit keys, 16 bits a round
+
+
+def test_coarse_histogram_that_disagrees_with_the_count_names_the_site():
+    rng = np.random.default_rng(8)
+    samples = {"s0": LocalSamples("s0", [_case("a0", [_rng_samples(rng, 500, 0, 1)])], 1)}
+    summaries = [SiteSummary.from_dict("s0", samples["s0"].summary())]
+    arrays = samples["s0"].coarse_histograms()
+    arrays["coarse_counts_0"] = arrays["coarse_counts_0"][1:]
+    arrays["coarse_bins_0"] = arrays["coarse_bins_0"][1:]
+    with pytest.raises(FederationDataError, match="site s0: channel 0's coarse histogram"):
+        _exact_percentiles(_LocalCaller(samples), summaries, lambda m: None, {"s0": arrays})
+
+
+def test_coarse_start_then_search_finds_exact_ranks():
+    rng = np.random.default_rng(9)
+    parts = [np.concatenate([rng.normal(0, 1, 700), rng.normal(1e4, 5, 300)]).astype(np.float32) for _ in range(3)]
+    keys = [np.sort(float_to_key(p)) for p in parts]
+    allv = np.sort(np.concatenate(parts))
+    ranks = [0, 5, 1499, 2998, 2999]
+    search = OrderStatisticSearch(ranks, int(min(k[0] for k in keys)), int(max(k[-1] for k in keys)))
+    search.start_from_coarse(*pool_coarse([coarse_histogram(k) for k in keys]), np.dtype(np.uint32))
+    assert len(search.requests()) <= len(ranks)
+    search.update([sum(count_in_buckets(k, lo, e) for k in keys) for lo, e in search.requests()])
+    assert search.done
+    assert np.array_equal(key_to_float(search.keys(), np.float32), allv[ranks])
 
 
 def test_site_with_single_case_and_two_channels():

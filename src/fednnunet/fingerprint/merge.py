@@ -21,7 +21,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fednnunet.fingerprint.order_stats import OrderStatisticSearch, float_to_key, key_to_float, linear_percentiles, percentile_ranks
+from fednnunet.fingerprint.order_stats import (OrderStatisticSearch, float_to_key, key_dtype, key_to_float,
+                                               linear_percentiles, percentile_ranks, pool_coarse)
 
 #: The percentiles nnU-Net stores, in its order.
 PERCENTILES = (0.5, 50.0, 99.5)
@@ -129,15 +130,21 @@ class PercentilePlan:
         return [float(v) for v in linear_percentiles(self.total, PERCENTILES, prev, nxt)]
 
 
-def new_search(channels: Sequence[ChannelSummary], key_space: np.dtype,
-               buckets: int | None = None) -> tuple[PercentilePlan, OrderStatisticSearch]:
-    """Start the exact percentile search of one channel between the pooled min and max."""
+def new_search(channels: Sequence[ChannelSummary], key_space: np.dtype, buckets: int | None = None,
+               coarse: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[PercentilePlan, OrderStatisticSearch]:
+    """Start the exact percentile search of one channel between the pooled min and max, or, given every site's
+    coarse histogram in ``key_space`` (:func:`~fednnunet.fingerprint.order_stats.coarse_histogram`), already
+    narrowed to one coarse bin per rank."""
     live = [c for c in channels if c.count]
     n = sum(c.count for c in live)
     plan = PercentilePlan.for_count(n)
     bounds = float_to_key(np.asarray([min(c.min for c in live), max(c.max for c in live)], dtype=key_space))
     kwargs = {} if buckets is None else {"buckets": buckets}
-    return plan, OrderStatisticSearch(plan.ranks, int(bounds[0]), int(bounds[1]), **kwargs)
+    search = OrderStatisticSearch(plan.ranks, int(bounds[0]), int(bounds[1]), **kwargs)
+    if coarse is not None:
+        bins, counts = pool_coarse(coarse)
+        search.start_from_coarse(bins, counts, key_dtype(key_space))
+    return plan, search
 
 
 def assemble_fingerprint(summaries: Sequence[SiteSummary], percentiles_per_channel: Sequence[Sequence[float]]) -> dict:

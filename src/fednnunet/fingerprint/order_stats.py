@@ -6,6 +6,8 @@ is wrong. Here the server finds the exact k-th smallest pooled sample without an
 float maps to an integer key that sorts like the float, the server narrows an integer interval per wanted rank,
 and each site only answers "how many of my samples fall in each of these key buckets". With 2**16 buckets per
 round, a 32-bit float is pinned down in two rounds after the min/max round, independent of the dataset size.
+The first of those rounds needs no request: its buckets can be fixed in advance as the top 16 bits of the key
+(:func:`coarse_histogram`), so sites send them with their min/max and a 32-bit float needs one count round.
 
 The final percentile is interpolated exactly like ``numpy.percentile(..., method="linear")`` so the result is
 bit-identical to nnU-Net's extraction on the pooled data.
@@ -20,6 +22,9 @@ import numpy as np
 
 #: Buckets per interval and round. 2**16 buckets resolve a 32-bit key in two rounds.
 DEFAULT_BUCKETS = 1 << 16
+
+#: Leading key bits of the coarse histogram: as fine as one count round (2**16 buckets).
+COARSE_BITS = 16
 
 _KEY_DTYPES = {np.dtype(np.float32): np.dtype(np.uint32), np.dtype(np.float64): np.dtype(np.uint64)}
 
@@ -67,6 +72,35 @@ def count_in_buckets(sorted_keys: np.ndarray, lo: int, edges: np.ndarray) -> np.
     return np.diff(np.concatenate(([start], ends))).astype(np.int64)
 
 
+def coarse_shift(kdt: np.dtype) -> int:
+    """How far a key of type ``kdt`` is shifted right to leave its :data:`COARSE_BITS` leading bits."""
+    return 8 * np.dtype(kdt).itemsize - COARSE_BITS
+
+
+def coarse_histogram(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Site side: counts of samples per value of the keys' leading :data:`COARSE_BITS` bits, nonzero bins only.
+
+    The bins are fixed by the key type alone, so a site can send them before the server knows the pooled
+    range; they carry what the first count round between the pooled min and max would (2**16 buckets)."""
+    if sorted_keys.size == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    top = (sorted_keys >> sorted_keys.dtype.type(coarse_shift(sorted_keys.dtype))).astype(np.uint64)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(top)) + 1))
+    return top[starts], np.diff(np.concatenate((starts, [top.size]))).astype(np.int64)
+
+
+def pool_coarse(histograms: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Server side: the pooled coarse histogram (sorted bins, summed counts) from every site's."""
+    bins = np.concatenate([np.asarray(b, dtype=np.uint64) for b, _ in histograms])
+    counts = np.concatenate([np.asarray(c, dtype=np.int64) for _, c in histograms])
+    if (counts < 0).any():
+        raise ValueError("a coarse histogram holds negative counts")
+    pooled_bins, inverse = np.unique(bins, return_inverse=True)
+    pooled = np.zeros(pooled_bins.size, np.int64)
+    np.add.at(pooled, inverse, counts)
+    return pooled_bins, pooled
+
+
 @dataclass
 class _Target:
     rank: int  # 0-based rank in the pooled sorted samples
@@ -95,6 +129,20 @@ class OrderStatisticSearch:
     @property
     def done(self) -> bool:
         return all(t.lo == t.hi for t in self._targets)
+
+    def start_from_coarse(self, bins: np.ndarray, counts: np.ndarray, kdt: np.dtype) -> None:
+        """Narrow every target to one bin of the pooled :func:`coarse_histogram` (what one count round does)."""
+        shift = coarse_shift(kdt)
+        cum = np.cumsum(counts)
+        for t in self._targets:
+            i = int(np.searchsorted(cum, t.rank, side="right"))
+            if i >= len(bins):
+                raise ValueError(f"sites reported fewer samples than rank {t.rank}: inconsistent coarse counts")
+            lo = int(bins[i]) << shift
+            t.below = 0 if i == 0 else int(cum[i - 1])
+            t.lo, t.hi = max(lo, t.lo), min(lo + (1 << shift) - 1, t.hi)
+            if t.lo > t.hi:
+                raise ValueError(f"rank {t.rank} falls outside the pooled min/max: inconsistent coarse counts")
 
     def requests(self) -> list[tuple[int, np.ndarray]]:
         """Unique (lo, edges) pairs still to be counted."""

@@ -2,10 +2,11 @@
 
 Round trips (each one message to every site):
 1. ``describe``: dataset name, case count, dataset.json fields, per-case problems; checked before anything else.
-2. ``fingerprint_sample``: sites sample with the global case count and return aggregates.
-3. ``fingerprint_counts`` (two rounds for float32 data): bucket counts for the exact percentile search.
+2. ``fingerprint_sample``: sites sample with the global case count and return aggregates, with the first
+   round of bucket counts for the percentile search as a coarse histogram.
+3. ``fingerprint_counts`` (one round for float32 data): bucket counts that finish the exact percentile search.
 4. ``fingerprint_apply``: every site writes the merged fingerprint and plans/preprocesses from it.
-So FFE costs five round trips whatever the dataset size. With ``asym`` each site extracts and plans locally
+So FFE costs four round trips whatever the dataset size. With ``asym`` each site extracts and plans locally
 (rounds 1 and 4 only). The transport is a :class:`SiteCaller`; Flower provides one, tests can provide another.
 """
 
@@ -95,11 +96,37 @@ def _gpu_target(job_plan: PlanRequest) -> float | None:
     return smallest
 
 
-def _exact_percentiles(caller: SiteCaller, summaries: list[SiteSummary], progress: Callable[[str], None]) -> tuple[list[list[float]], int]:
+def _coarse_per_channel(summaries: list[SiteSummary], sample_arrays: Mapping[str, Arrays],
+                        key_space: np.dtype) -> list[list[tuple[np.ndarray, np.ndarray]]] | None:
+    """Every site's coarse histogram per channel, or None when a site's samples have another type than the search
+    (its histogram is in another key space; the search then starts from the pooled min and max)."""
+    if any(np.dtype(s.sample_dtype) != key_space for s in summaries):
+        return None
+    per_channel = []
+    for ch in range(len(summaries[0].channels)):
+        hists = []
+        for s in summaries:
+            arrays = sample_arrays[s.site]
+            names = (f"coarse_bins_{ch}", f"coarse_counts_{ch}")
+            if any(n not in arrays for n in names) or arrays[names[0]].shape != arrays[names[1]].shape:
+                raise FederationDataError(f"site {s.site}: the sampling reply lacks a coarse histogram of channel {ch}")
+            if int(np.asarray(arrays[names[1]], dtype=np.int64).sum()) != s.channels[ch].count:
+                raise FederationDataError(f"site {s.site}: channel {ch}'s coarse histogram does not hold its "
+                                          f"{s.channels[ch].count} samples")
+            hists.append((arrays[names[0]], arrays[names[1]]))
+        per_channel.append(hists)
+    return per_channel
+
+
+def _exact_percentiles(caller: SiteCaller, summaries: list[SiteSummary], progress: Callable[[str], None],
+                       sample_arrays: Mapping[str, Arrays] | None = None) -> tuple[list[list[float]], int]:
+    """nnU-Net's percentiles of every channel; returns them and the number of count rounds it took."""
     key_space = search_dtype(summaries)
     pooled = pooled_sample_dtype(summaries)
     num_channels = len(summaries[0].channels)
-    searches = [new_search([s.channels[ch] for s in summaries], key_space) for ch in range(num_channels)]
+    coarse = None if sample_arrays is None else _coarse_per_channel(summaries, sample_arrays, key_space)
+    searches = [new_search([s.channels[ch] for s in summaries], key_space, coarse=None if coarse is None else coarse[ch])
+                for ch in range(num_channels)]
     rounds = 0
     while not all(search.done for _, search in searches):
         requests, arrays, index = [], {}, []
@@ -146,7 +173,8 @@ def run_fingerprint_job(caller: SiteCaller, job: FingerprintJob,
     summaries = [SiteSummary.from_dict(site, result["summary"]) for site, (result, _) in replies.items()]
     progress(f"sampled {sum(c.count for s in summaries for c in s.channels[:1])} foreground voxels per channel "
              f"from {total_cases} cases")
-    percentiles, search_rounds = _exact_percentiles(caller, summaries, progress)
+    percentiles, search_rounds = _exact_percentiles(caller, summaries, progress,
+                                                    {site: arrays for site, (_, arrays) in replies.items()})
     trips += search_rounds
     fingerprint = assemble_fingerprint(summaries, percentiles)
     plan = None

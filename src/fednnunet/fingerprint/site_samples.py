@@ -3,7 +3,7 @@
 Each case is analysed by nnU-Net's own ``DatasetFingerprintExtractor.analyze_case`` with the per-case sample count
 of the *pooled* dataset, so the samples are exactly the ones nnU-Net would draw for this case on pooled data.
 The samples stay in this process (sorted, as order keys); the server only ever receives counts, sums, extremes,
-and bucket counts for its percentile search.
+and bucket counts for its percentile search (the first round of them as a coarse histogram with the summary).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fednnunet.fingerprint.order_stats import count_in_buckets, float_to_key
+from fednnunet.fingerprint.order_stats import coarse_histogram, count_in_buckets, float_to_key
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,14 @@ class LocalSamples:
             "sample_dtype": str(self.sample_dtype),
             "empty_foreground_cases": sum(1 for c in self.cases if any(s.size == 0 for s in c.samples)),
         }
+
+    def coarse_histograms(self) -> dict[str, np.ndarray]:
+        """Per channel, the first count round answered in advance (``coarse_bins_C``, ``coarse_counts_C``), in the
+        key space of this site's sample type; the server uses them when every site holds the same type."""
+        out = {}
+        for ch, keys in enumerate(self._keys):
+            out[f"coarse_bins_{ch}"], out[f"coarse_counts_{ch}"] = coarse_histogram(keys)
+        return out
 
     def bucket_counts(self, channel: int, key_space: np.dtype, lo: int, edges: np.ndarray) -> np.ndarray:
         """How many of this site's samples of ``channel`` fall in each bucket of the server's request."""

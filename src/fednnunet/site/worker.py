@@ -100,7 +100,7 @@ class SiteWorker:
         for case in empty_case_names(self.samples):
             logger.warning("site %s, case %s: no foreground voxels; nnU-Net samples no intensities from it",
                            self.site, case)
-        return {"summary": summary}, {}
+        return {"summary": summary}, self.samples.coarse_histograms()
 
     def op_fingerprint_counts(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         if self.samples is None:
