@@ -1,8 +1,7 @@
 """Smoke tests of the benchmarks (issue 6): they run and return their keys. Not benchmarks themselves.
 
-The overhead benchmark runs here at its smallest (one site, two rounds of the tiny model: about a minute).
-The planning benchmark (three full nnU-Net planning runs per site and a federation) is too slow for the
-default tests; it is only checked for its argument handling here and run by hand (``fednnunet bench planning``).
+The overhead benchmark runs here at its smallest (one site, two rounds of the tiny model: about a minute and a
+half), the planning benchmark too (one synthetic site: a federated and a local planning, about a minute).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from fednnunet.aggregation import ModelSpec, StreamingAsymAverager, asym_fedavg
 from fednnunet.bench import bench_aggregate, bench_planning, format_aggregate_table, model_shapes
 from fednnunet.bench.aggregate import _random_update
 
+FEDNNUNET = str(Path(sys.executable).parent / "fednnunet")
 KEYS = {"aggregate_s", "copy_s", "ratio", "peak_mb", "update_mb", "mode", "sites", "inputs_held_mb", "server_mb"}
 
 
@@ -82,7 +82,33 @@ def test_bench_planning_refuses_a_used_folder(tmp_path):
         bench_planning(sites=2, work=tmp_path)
 
 
-FEDNNUNET = str(Path(sys.executable).parent / "fednnunet")
+def test_bench_planning_checks_its_datasets_before_any_work(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "Dataset950_A").mkdir(parents=True)
+    work = tmp_path / "work"
+    with pytest.raises(ValueError, match="name the datasets"):
+        bench_planning(raw=raw, work=work)
+    with pytest.raises(ValueError, match="need raw"):
+        bench_planning(datasets=["950"], work=work)
+    with pytest.raises(FileNotFoundError, match="dataset '951'"):
+        bench_planning(raw=raw, datasets=["950", "951"], work=work)
+    assert not work.exists()
+
+
+def test_bench_planning_command_runs_and_prints_its_keys(tmp_path):
+    res = subprocess.run([FEDNNUNET, "bench", "planning", "--sites", "1", "--json", "--work", str(tmp_path / "w")],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    result = json.loads(res.stdout)
+    assert {"federated_s", "slowest_local_s", "ratio", "concurrent_local_s", "ratio_vs_concurrent",
+            "per_site_local_s"} <= set(result)
+    assert result["sites"] == 1 and list(result["per_site_local_s"]) == ["901"]
+    assert result["ratio"] == pytest.approx(result["federated_s"] / result["slowest_local_s"])
+    assert result["concurrent_local_s"] == result["slowest_local_s"]  # one site: the local run is not repeated
+    # both sides really planned: each root holds its own plans
+    for side in ("federated", "local"):
+        assert (tmp_path / "w" / side / "nnUNet_preprocessed" / "Dataset901_SiteA" / "nnUNetPlans.json").is_file()
+
 
 
 def test_bench_aggregate_command_prints_json_keys():

@@ -42,7 +42,8 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 def cmd_planning(args: argparse.Namespace) -> int:
     from fednnunet.bench import bench_planning, format_planning
 
-    result = bench_planning(sites=args.sites, work=Path(args.work) if args.work else None)
+    result = bench_planning(sites=args.sites, work=Path(args.work) if args.work else None, raw=args.raw,
+                            datasets=args.datasets.split() if args.datasets else ())
     _emit(args, "planning", result, format_planning(result))
     return 0
 
@@ -53,7 +54,7 @@ def cmd_all(args: argparse.Namespace) -> int:
     base = vars(args)
     steps = [
         (cmd_aggregate, dict(sites="2,4,8,16,32,64", params="30e6", repeats=3, modes="ffe,asym,asym_stream")),
-        (cmd_planning, dict(sites=3, work=None)),
+        (cmd_planning, dict(sites=3, work=None, raw=None, datasets=None)),
         (cmd_overhead, dict(sites=3, rounds=5, model="tiny", iterations=2, transfer_dtype="float32", work=None)),
         (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, transfer_dtype="float32", work=None)),
         (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, transfer_dtype="float16", work=None)),
@@ -92,7 +93,9 @@ def add_commands(sub) -> None:
     b.set_defaults(func=cmd_aggregate)
 
     b = bench.add_parser("planning", help="federated plan_and_preprocess vs the slowest site's local planning")
-    b.add_argument("--sites", type=int, default=3)
+    b.add_argument("--sites", type=int, default=3, help="number of synthetic sites (ignored with --raw)")
+    b.add_argument("--raw", help="bench these existing datasets instead: an nnU-Net raw folder (only read)")
+    b.add_argument("--datasets", help='with --raw: the sites\' datasets, ids or names, e.g. "950 951"')
     b.add_argument("--work", help="work folder (default: a new temporary folder)")
     common(b)
     b.set_defaults(func=cmd_planning)

@@ -8,15 +8,15 @@ and bucket counts for its percentile search (the first round of them as a coarse
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from fednnunet.fingerprint.order_stats import coarse_histogram, count_in_buckets, float_to_key
+from fednnunet.fingerprint.order_stats import coarse_histogram, count_in_buckets, float_to_key, key_to_float
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class _CaseResult:
     case: str
     shape_after_crop: list[int]
     spacing: list[float]
-    samples: list[np.ndarray]  # per channel; empty when the case has no foreground
+    samples: list[np.ndarray]  # per channel; empty when the case has no foreground (LocalSamples keeps none)
     relative_size: float
 
 
@@ -40,22 +40,27 @@ def _analyze(case: str, images: list[str], label: str, reader_writer_class: type
 
 
 class LocalSamples:
-    """This site's foreground samples, kept sorted per channel as order keys for the percentile search."""
+    """This site's foreground samples, kept per channel as order keys (unsorted) for the percentile search.
+
+    Only the keys are kept (the values are their exact inverse) and the summary is computed once, here."""
 
     def __init__(self, site: str, cases: Sequence[_CaseResult], num_channels: int) -> None:
         self.site = site
-        self.cases = list(cases)
-        dtypes = {s.dtype for c in self.cases for s in c.samples if s.size}
+        dtypes = {s.dtype for c in cases for s in c.samples if s.size}
         self.sample_dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float32)
-        self._values: list[np.ndarray] = []
         self._keys: list[np.ndarray] = []
+        self._channels: list[dict[str, Any]] = []
         for ch in range(num_channels):
-            parts = [c.samples[ch] for c in self.cases if c.samples[ch].size]
+            parts = [c.samples[ch] for c in cases if c.samples[ch].size]
             values = (np.concatenate(parts) if parts else np.zeros(0)).astype(self.sample_dtype, copy=False)
             if np.isnan(values).any():
                 raise ValueError(f"site {site}: channel {ch} has NaN foreground intensities")
-            self._values.append(values)
-            self._keys.append(np.sort(float_to_key(values)) if values.size else np.zeros(0, np.uint32))
+            self._channels.append(_moments(values))
+            self._keys.append(float_to_key(values) if values.size else np.zeros(0, np.uint32))
+        #: cases without foreground voxels (nnU-Net samples nothing from them); reported, not an error
+        self.empty_cases = [c.case for c in cases if any(s.size == 0 for s in c.samples)]
+        # case geometry only: the samples live on as keys
+        self.cases = [dataclasses.replace(c, samples=[]) for c in cases]
 
     @classmethod
     def collect(cls, site: str, dataset_name: str, num_samples_per_case: int, num_processes: int = 1) -> "LocalSamples":
@@ -83,22 +88,13 @@ class LocalSamples:
 
     def summary(self) -> dict[str, Any]:
         """Aggregates for the server: per-case geometry (as in nnU-Net's fingerprint) and per-channel moments."""
-        channels = []
-        for values in self._values:
-            if values.size:
-                v64 = values.astype(np.float64)
-                mean = float(v64.mean())
-                channels.append({"count": int(values.size), "mean": mean, "m2": float(((v64 - mean) ** 2).sum()),
-                                 "min": float(values.min()), "max": float(values.max())})
-            else:
-                channels.append({"count": 0, "mean": 0.0, "m2": 0.0, "min": 0.0, "max": 0.0})
         return {
             "spacings": [c.spacing for c in self.cases],
             "shapes_after_crop": [c.shape_after_crop for c in self.cases],
             "relative_sizes": [c.relative_size for c in self.cases],
-            "channels": channels,
+            "channels": self._channels,
             "sample_dtype": str(self.sample_dtype),
-            "empty_foreground_cases": sum(1 for c in self.cases if any(s.size == 0 for s in c.samples)),
+            "empty_foreground_cases": len(self.empty_cases),
         }
 
     def coarse_histograms(self) -> dict[str, np.ndarray]:
@@ -113,14 +109,18 @@ class LocalSamples:
         """How many of this site's samples of ``channel`` fall in each bucket of the server's request."""
         keys = self._keys[channel]
         if np.dtype(key_space) != self.sample_dtype:
-            keys = np.sort(float_to_key(self._values[channel].astype(key_space)))
+            keys = float_to_key(key_to_float(keys, self.sample_dtype).astype(key_space))
         return count_in_buckets(keys, lo, edges)
 
 
-def empty_case_names(samples: LocalSamples) -> list[str]:
-    """Cases without foreground voxels (nnU-Net samples nothing from them); reported, not an error."""
-    return [c.case for c in samples.cases if any(s.size == 0 for s in c.samples)]
-
-
-def as_path(p: str | Path) -> Path:
-    return Path(p)
+def _moments(values: np.ndarray) -> dict[str, Any]:
+    """Count, float64 mean, sum of squared deviations, min and max, in blocks (no float64 copy of 10**8 values)."""
+    if not values.size:
+        return {"count": 0, "mean": 0.0, "m2": 0.0, "min": 0.0, "max": 0.0}
+    mean = float(values.mean(dtype=np.float64))
+    m2 = 0.0
+    for start in range(0, values.size, 1 << 20):
+        dev = values[start:start + (1 << 20)].astype(np.float64)
+        dev -= mean
+        m2 += float(dev @ dev)
+    return {"count": int(values.size), "mean": mean, "m2": m2, "min": float(values.min()), "max": float(values.max())}

@@ -66,6 +66,7 @@ class SiteWorker:
             return {"ok": False, "error": f"{op}: {type(err).__name__}: {msg}"}, {}
         result.setdefault("site", self.site)
         result["seconds"] = time.perf_counter() - started
+        logger.info("site %s: %s done in %.2f s", self.site, op, result["seconds"])
         # wall-clock times let the server split a round trip into download / site / upload (see training.py)
         result["received_at"], result["replied_at"] = received_at, time.time()
         return {"ok": True, "result": result}, out
@@ -91,13 +92,13 @@ class SiteWorker:
 
     def op_fingerprint_sample(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         from fednnunet.fingerprint.merge import samples_per_case
-        from fednnunet.fingerprint.site_samples import LocalSamples, empty_case_names
+        from fednnunet.fingerprint.site_samples import LocalSamples
 
         name = self._dataset_name()
         per_case = samples_per_case(int(config["global_num_cases"]))
         self.samples = LocalSamples.collect(self.site, name, per_case, int(config.get("num_processes", 1)))
         summary = self.samples.summary()
-        for case in empty_case_names(self.samples):
+        for case in self.samples.empty_cases:
             logger.warning("site %s, case %s: no foreground voxels; nnU-Net samples no intensities from it",
                            self.site, case)
         return {"summary": summary}, self.samples.coarse_histograms()
