@@ -10,6 +10,7 @@ is stopped on exit, on failure and on Ctrl-C.
 
 from __future__ import annotations
 
+
 import ipaddress
 import json
 import logging
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
@@ -420,7 +421,8 @@ class LocalFederation(StartStop):
             list(pool.map(lambda group: group.stop(), groups))
 
     def run(self, job: JobSpec, timeout_s: float | None = None) -> dict:
-        run_id = self.server.submit(job)
+        """Run ``job`` on these sites; they are stopped with the federation, so the job does not release them."""
+        run_id = self.server.submit(replace(job, release_sites=False))
         for node in self.nodes:  # while the job starts; a worker that fails to start is an error at once
             node.wait_ready()
         return self.server.follow(run_id, Path(job.out_dir), timeout_s, self.check_alive)

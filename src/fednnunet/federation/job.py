@@ -27,6 +27,9 @@ class JobSpec:
     check_cases: bool = True
     connect_timeout_s: float = 300.0
     train: dict[str, Any] = field(default_factory=dict)
+    #: end with ``job_done`` to every site, so that sites started for one job (``fednnunet client TASK``) exit;
+    #: a one-machine federation stops its own sites and skips this round trip (``LocalFederation.run``)
+    release_sites: bool = True
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -44,12 +44,14 @@ def run_job(job: JobSpec, caller: SiteCaller, events: EventLog) -> dict[str, Any
 
             result = run_training_task(job, caller, events)
     except Exception as err:
-        _release_sites(caller)
+        if job.release_sites:
+            _release_sites(caller)
         events.emit("error", f"{job.task} failed: {err}")
         write_json_atomic(out / RESULT_FILE, {"ok": False, "task": job.task, "error": str(err),
                                               "seconds": time.time() - started})
         raise
-    _release_sites(caller)
+    if job.release_sites:
+        _release_sites(caller)
     result = {"ok": True, "task": job.task, "seconds": time.time() - started, **result}
     write_json_atomic(out / RESULT_FILE, result)
     events.emit("done", f"{job.task} finished in {result['seconds']:.1f} s")
