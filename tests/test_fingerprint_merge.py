@@ -108,11 +108,17 @@ def test_coarse_histogram_that_disagrees_with_the_count_names_the_site():
     rng = np.random.default_rng(8)
     samples = {"s0": LocalSamples("s0", [_case("a0", [_rng_samples(rng, 500, 0, 1)])], 1)}
     summaries = [SiteSummary.from_dict("s0", samples["s0"].summary())]
-    arrays = samples["s0"].coarse_histograms()
-    arrays["coarse_counts_0"] = arrays["coarse_counts_0"][1:]
-    arrays["coarse_bins_0"] = arrays["coarse_bins_0"][1:]
-    with pytest.raises(FederationDataError, match="site s0: channel 0's coarse histogram"):
-        _exact_percentiles(_LocalCaller(samples), summaries, lambda m: None, {"s0": arrays})
+    good = samples["s0"].coarse_histograms()
+    bins, counts = good["coarse_bins_0"], good["coarse_counts_0"]
+    assert bins.size > 2
+    bad = [(bins[1:], counts[1:]),  # samples missing
+           (bins[::-1], counts[::-1]),  # not increasing
+           (bins + (1 << 16), counts),  # beyond 16 bits
+           (bins, np.concatenate(([-counts[0]], counts[1:-1], [counts[-1] + 2 * counts[0]])))]  # negative
+    for b, c in bad:
+        with pytest.raises(FederationDataError, match="site s0: channel 0's coarse histogram"):
+            _exact_percentiles(_LocalCaller(samples), summaries, lambda m: None,
+                               {"s0": {"coarse_bins_0": b, "coarse_counts_0": c}})
 
 
 def test_coarse_start_then_search_finds_exact_ranks():

@@ -20,6 +20,7 @@ import numpy as np
 
 from fednnunet.fingerprint.checks import FederationDataError, check_compatible
 from fednnunet.fingerprint.merge import SiteSummary, assemble_fingerprint, new_search, pooled_sample_dtype, search_dtype
+from fednnunet.fingerprint.order_stats import COARSE_BITS
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +111,14 @@ def _coarse_per_channel(summaries: list[SiteSummary], sample_arrays: Mapping[str
             names = (f"coarse_bins_{ch}", f"coarse_counts_{ch}")
             if any(n not in arrays for n in names) or arrays[names[0]].shape != arrays[names[1]].shape:
                 raise FederationDataError(f"site {s.site}: the sampling reply lacks a coarse histogram of channel {ch}")
-            if int(np.asarray(arrays[names[1]], dtype=np.int64).sum()) != s.channels[ch].count:
-                raise FederationDataError(f"site {s.site}: channel {ch}'s coarse histogram does not hold its "
-                                          f"{s.channels[ch].count} samples")
-            hists.append((arrays[names[0]], arrays[names[1]]))
+            bins, counts = arrays[names[0]], arrays[names[1]]
+            well_formed = (bins.ndim == 1 and bins.dtype.kind == "u" and counts.dtype.kind in "iu"
+                           and (bins.size == 0 or (int(bins[-1]) < 1 << COARSE_BITS and bool(np.all(bins[1:] > bins[:-1]))))
+                           and not (counts < 0).any())
+            if not well_formed or int(counts.sum()) != s.channels[ch].count:
+                raise FederationDataError(f"site {s.site}: channel {ch}'s coarse histogram is malformed or does not "
+                                          f"hold its {s.channels[ch].count} samples")
+            hists.append((bins, counts))
         per_channel.append(hists)
     return per_channel
 

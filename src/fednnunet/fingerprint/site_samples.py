@@ -2,7 +2,7 @@
 
 Each case is analysed by nnU-Net's own ``DatasetFingerprintExtractor.analyze_case`` with the per-case sample count
 of the *pooled* dataset, so the samples are exactly the ones nnU-Net would draw for this case on pooled data.
-The samples stay in this process (sorted, as order keys); the server only ever receives counts, sums, extremes,
+The samples stay in this process (as order keys); the server only ever receives counts, sums, extremes,
 and bucket counts for its percentile search (the first round of them as a coarse histogram with the summary).
 """
 
