@@ -42,9 +42,10 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 def cmd_planning(args: argparse.Namespace) -> int:
     from fednnunet.bench import bench_planning, format_planning
 
+    datasets = args.datasets.split() if args.datasets else []
     result = bench_planning(sites=args.sites, work=Path(args.work) if args.work else None, raw=args.raw,
-                            datasets=args.datasets.split() if args.datasets else ())
-    _emit(args, "planning", result, format_planning(result))
+                            datasets=datasets)
+    _emit(args, "-".join(["planning", *datasets]), result, format_planning(result))
     return 0
 
 
