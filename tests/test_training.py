@@ -391,7 +391,10 @@ def test_crash_of_the_whole_federation_then_resume(federation: Path, tmp_path: P
     cmd = [str(Path(sys.executable).parent / "fednnunet"), "run", "train", "901 902", "2d", "0", "--rounds", "4",
            "--iterations-per-round", "2", "--val-iterations", "1", "--skip-val", "--da-workers", "0",
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # as in a terminal: a test run started in the background (`cmd &` in a script) inherits SIGINT ignored,
+    # which Python keeps, and the Ctrl-C below would then do nothing
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and proc.poll() is None:
