@@ -92,6 +92,8 @@ def test_bench_planning_checks_its_datasets_before_any_work(tmp_path):
         bench_planning(datasets=["950"], work=work)
     with pytest.raises(FileNotFoundError, match="dataset '951'"):
         bench_planning(raw=raw, datasets=["950", "951"], work=work)
+    with pytest.raises(ValueError, match="give an id"):
+        bench_planning(raw=raw, datasets=["DRIVE"], work=work)
     assert not work.exists()
 
 

@@ -38,8 +38,10 @@ def _dataset_folder(raw: Path, dataset: str) -> Path:
     if dataset.startswith("Dataset"):
         folder = raw / dataset
         found = [folder] if folder.is_dir() else []
-    else:
+    elif dataset.isdigit():
         found = sorted(raw.glob(f"Dataset{int(dataset):03d}_*"))
+    else:
+        raise ValueError(f"dataset {dataset!r}: give an id (950) or a folder name (Dataset950_DRIVE)")
     if len(found) != 1:
         raise FileNotFoundError(f"dataset {dataset!r}: expected one folder for it in {raw}, found {len(found)}")
     return found[0]
