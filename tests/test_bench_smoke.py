@@ -112,7 +112,6 @@ def test_bench_planning_command_runs_and_prints_its_keys(tmp_path):
         assert (tmp_path / "w" / side / "nnUNet_preprocessed" / "Dataset901_SiteA" / "nnUNetPlans.json").is_file()
 
 
-
 def test_bench_aggregate_command_prints_json_keys():
     res = subprocess.run([FEDNNUNET, "bench", "aggregate", "--sites", "2",
                           "--params", "1e5", "--repeats", "1", "--modes", "ffe", "--json"],

@@ -10,7 +10,6 @@ is stopped on exit, on failure and on Ctrl-C.
 
 from __future__ import annotations
 
-
 import ipaddress
 import json
 import logging

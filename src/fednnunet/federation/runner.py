@@ -44,23 +44,22 @@ def run_job(job: JobSpec, caller: SiteCaller, events: EventLog) -> dict[str, Any
 
             result = run_training_task(job, caller, events)
     except Exception as err:
-        if job.release_sites:
-            _release_sites(caller)
+        _release_sites(job, caller)
         events.emit("error", f"{job.task} failed: {err}")
         write_json_atomic(out / RESULT_FILE, {"ok": False, "task": job.task, "error": str(err),
                                               "seconds": time.time() - started})
         raise
-    if job.release_sites:
-        _release_sites(caller)
+    _release_sites(job, caller)
     result = {"ok": True, "task": job.task, "seconds": time.time() - started, **result}
     write_json_atomic(out / RESULT_FILE, result)
     events.emit("done", f"{job.task} finished in {result['seconds']:.1f} s")
     return result
 
 
-def _release_sites(caller: SiteCaller) -> None:
-    """Tell the sites the job is over (sites started for one job exit); best effort, never fails the job."""
-    if not caller.sites:
+def _release_sites(job: JobSpec, caller: SiteCaller) -> None:
+    """Tell the sites the job is over (sites started for one job exit); best effort, never fails the job.
+    Skipped where the job says its sites are stopped by their launcher (``JobSpec.release_sites``)."""
+    if not job.release_sites or not caller.sites:
         return
     try:
         caller.broadcast("job_done", {})
