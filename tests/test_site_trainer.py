@@ -13,7 +13,10 @@ report; the tests assert on it.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -397,3 +400,53 @@ def test_nnunet_predict_uses_the_site_folder_as_is(site_run: dict) -> None:
                site_run["env"], root / "predict.log", timeout=600)
     written = sorted(p.name for p in out.glob("*.nii.gz"))
     assert written == sorted(i.name.replace("_0000.nii.gz", ".nii.gz") for i in images)
+
+
+# ------------------------------------------------------------------------- the site worker around a round
+
+
+def _start_worker(env: dict[str, str], sock: str, log: Path) -> "subprocess.Popen":
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "fednnunet.site.worker", "--socket", sock, "--site", "901",
+                                 "--dataset", str(DATASET_ID)], env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def test_worker_checkpoints_after_the_reply_and_finishes_it_on_sigterm(planned_site: Path, tmp_path: Path) -> None:
+    """A round's reply does not wait for ``checkpoint_latest.pth``; a SIGTERM sent as soon as the reply arrives
+    (when the worker is writing it) stops the worker only once the checkpoint is complete. A worker resumed from
+    that checkpoint but asked for a later round than it holds refuses instead of training a shifted schedule."""
+    from fednnunet.site import ipc
+
+    env = trainer_env(planned_site, tmp_path / "results")
+    cfg = {"configuration": "2d", "fold": 0, "rounds": 3, "epochs_per_round": 1, "iterations_per_round": 2,
+           "val_iterations": 1, "da_workers": 0, "continue_training": False}
+    with tempfile.TemporaryDirectory(prefix="w-") as d:  # short: Unix socket paths are limited to ~100 bytes
+        sock = str(Path(d) / "w.sock")
+        proc = _start_worker(env, sock, tmp_path / "worker.log")
+        try:
+            init, weights = ipc.request(sock, {"op": "train_init", "config": cfg}, connect_wait_s=120)
+            assert init["ok"], init
+            reply, update = ipc.request(sock, {"op": "train_round", "config": {"round": 1, "epoch_end": 1}}, weights)
+            proc.send_signal(signal.SIGTERM)
+            assert reply["ok"] and update, reply
+            assert proc.wait(timeout=120) == -signal.SIGTERM
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        log = (tmp_path / "worker.log").read_text()
+        latest = Path(init["result"]["output_folder"]) / "checkpoint_latest.pth"
+        assert latest.is_file(), log[-3000:]
+        assert torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"] == 1
+
+        sock = str(Path(d) / "w2.sock")  # the killed worker left its socket file behind
+        proc = _start_worker(env, sock, tmp_path / "worker2.log")
+        try:
+            init, weights = ipc.request(sock, {"op": "train_init", "config": {**cfg, "continue_training": True}},
+                                        connect_wait_s=120)
+            assert init["ok"] and init["result"]["current_epoch"] == 1, init
+            reply, _ = ipc.request(sock, {"op": "train_round", "config": {"round": 3, "epoch_end": 3}}, weights)
+            assert not reply["ok"]
+            assert "site 901" in reply["error"] and "no checkpoint_latest.pth as recent" in reply["error"], reply
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)

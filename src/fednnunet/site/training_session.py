@@ -8,9 +8,11 @@ session turns the server's three training messages into SiteTrainer calls:
   initial de-duplicated weights, the training-case count (the FedAvg weight), and what the server needs to
   write the global model in nnU-Net's layout (plans/dataset/fingerprint JSONs, checkpoint metadata, the alias
   keys of the full ``state_dict``);
-* ``round``: load the received weights into the live network, run ``epochs_per_round`` nnU-Net epochs, save
-  ``checkpoint_latest.pth`` (so the site can resume), reply with the weights (their change from the received
-  ones: see aggregation/wire.py) and the epoch metrics;
+* ``round``: load the received weights into the live network, run ``epochs_per_round`` nnU-Net epochs, reply
+  with the weights (their change from the received ones: see aggregation/wire.py) and the epoch metrics; the
+  worker then calls :meth:`TrainingSession.save_checkpoint` (``checkpoint_latest.pth``, so the site can resume)
+  after the reply has gone, because writing it (about 1 s for a 30 M-parameter network and its optimizer state)
+  would otherwise delay every round;
 * ``finish``: load the final aggregated weights, write ``checkpoint_final.pth`` and run nnU-Net's final
   validation.
 """
@@ -79,6 +81,7 @@ class TrainingSession:
         epochs_per_round = int(config.get("epochs_per_round", 1))
         self.epochs_per_round = epochs_per_round
         self.transfer_dtype = str(config.get("transfer_dtype", "float32"))
+        self._checkpoint_due = False
         self.trainer = SiteTrainer(
             dataset, config["configuration"], config.get("fold", 0),
             trainer_name=config.get("trainer", "nnUNetTrainer"),
@@ -137,14 +140,17 @@ class TrainingSession:
         epochs = min(int(config.get("epochs", self.epochs_per_round)), remaining)
         if epochs < 1:
             raise RuntimeError(f"all {t.num_epochs} epochs are already done at this site")
+        if epoch_end is not None and t.current_epoch + epochs < int(epoch_end):
+            raise RuntimeError(f"this site is at epoch {t.current_epoch}, so {epochs} more epoch(s) would not reach "
+                               f"the round's end epoch {epoch_end}: it has no checkpoint_latest.pth as recent as the "
+                               "server's state (checkpointing disabled, or its worker killed while writing it)")
         started = time.perf_counter()
         metrics: dict[str, Any] = {}
         compute = 0.0
         for _ in range(epochs):
             metrics = t.run_epoch()
             compute += metrics["epoch_seconds"]
-        if not t.trainer.disable_checkpointing:
-            t.save_latest()  # lets this site resume its optimizer state and LR schedule after a crash
+        self._checkpoint_due = not t.trainer.disable_checkpointing
         metrics["epoch_seconds"] = compute
         metrics["site_seconds"] = time.perf_counter() - started
         metrics["pseudo_dice"] = [_clean(d) for d in metrics["pseudo_dice"]]
@@ -154,6 +160,13 @@ class TrainingSession:
         if received is None:
             return {"metrics": metrics}, to_wire(t.get_weights(), self.transfer_dtype)
         return {"metrics": metrics, "delta": True}, delta_to_wire(t.get_weights(), received, self.transfer_dtype)
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoint_latest.pth`` if a round trained since the last write (lets this site resume its
+        optimizer state and LR schedule after a crash)."""
+        if self._checkpoint_due:
+            self.trainer.save_latest()
+            self._checkpoint_due = False
 
     def _replay(self, epoch_end: int) -> tuple[dict[str, Any], Arrays]:
         """Answer a round this site already trained before a crash, without training it again.

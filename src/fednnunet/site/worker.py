@@ -4,6 +4,11 @@ Started next to the site's SuperNode (by ``fednnunet client`` or the one-machine
 environment of the site. It serves one request at a time on a Unix socket created with mode 0600; the ClientApp
 relays the server's messages to it (see :mod:`fednnunet.site.ipc`). Errors are returned as messages naming the
 site, never as tracebacks crossing the network.
+
+Work that the reply does not need (writing a round's ``checkpoint_latest.pth``) runs after the reply has been
+sent and before the next request is read, so it is off the round's critical path yet never overlaps the state it
+writes. A SIGTERM that arrives during it takes effect once it is done, so stopping a federation right after a
+round does not leave a torn or stale checkpoint behind.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socketserver
 import threading
 import time
@@ -48,6 +54,10 @@ class SiteWorker:
         self.dataset_name: str | None = None
         self.samples = None  # LocalSamples of the running fingerprint extraction
         self.training = None  # TrainingSession of the running federated training
+        self.after_reply: Callable[[], None] | None = None  # set by an op, run by run_after_reply
+        self.after_reply_error: str | None = None  # reported with the next request
+        self.in_after_reply = False
+        self.stop_requested = False  # a SIGTERM arrived during after-reply work
 
     # --- protocol -----------------------------------------------------------------------------------------
     def handle(self, body: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
@@ -55,6 +65,9 @@ class SiteWorker:
         handler: Handler | None = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             return {"ok": False, "error": f"site {self.site}: unknown operation {op!r}"}, {}
+        if self.after_reply_error is not None:
+            error, self.after_reply_error = self.after_reply_error, None
+            return {"ok": False, "error": f"{op}: site {self.site}: {error}"}, {}
         received_at, started = time.time(), time.perf_counter()
         try:
             result, out = handler(body.get("config", {}), arrays)
@@ -70,6 +83,21 @@ class SiteWorker:
         # wall-clock times let the server split a round trip into download / site / upload (see training.py)
         result["received_at"], result["replied_at"] = received_at, time.time()
         return {"ok": True, "result": result}, out
+
+    def run_after_reply(self) -> None:
+        """Run the work the last op left for after its reply; a failure is reported with the next request."""
+        task, self.after_reply = self.after_reply, None
+        if task is not None:
+            self.in_after_reply = True
+            try:
+                task()
+            except Exception as err:  # noqa: BLE001 - kept for the next request, which names the site
+                logger.error("site %s: work after the reply failed:\n%s", self.site, traceback.format_exc())
+                self.after_reply_error = f"after the previous reply: {type(err).__name__}: {err}"
+            finally:
+                self.in_after_reply = False
+        if self.stop_requested:
+            _die_of(signal.SIGTERM)
 
     def op_job_done(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         """The server's job ended; a site started for one job (`fednnunet client`) exits after replying."""
@@ -153,7 +181,10 @@ class SiteWorker:
         return self.training.describe()
 
     def op_train_round(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
-        return self._session().round(config, arrays)
+        session = self._session()
+        reply = session.round(config, arrays)
+        self.after_reply = session.save_checkpoint
+        return reply
 
     def op_train_finish(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         session = self._session()
@@ -189,9 +220,18 @@ class _Handler(socketserver.BaseRequestHandler):
             ipc.send_frame(self.request, {"ok": False, "error": f"site {worker.site}: bad request: {err}"})
             return
         reply, out = worker.handle(body, arrays)
-        ipc.send_frame(self.request, reply, out)
+        try:
+            ipc.send_frame(self.request, reply, out)
+        finally:
+            worker.run_after_reply()
         if worker.exit_requested:
             threading.Thread(target=self.server.shutdown, daemon=True).start()
+
+
+def _die_of(signum: int) -> None:
+    """End the process as the signal's default action would (what a SIGTERM did before a handler was set)."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = False, task: str | None = None,
@@ -204,7 +244,19 @@ def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = Fals
         server = socketserver.UnixStreamServer(socket_path, _Handler)
     finally:
         os.umask(old)
-    server.worker = SiteWorker(site, dataset, exit_after_job, task, train_expect)  # type: ignore[attr-defined]
+    worker = server.worker = SiteWorker(site, dataset, exit_after_job, task, train_expect)  # type: ignore[attr-defined]
+
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        if worker.in_after_reply:
+            logger.info("site %s: stopping once the work after the last reply is done", site)
+            worker.stop_requested = True
+        else:
+            _die_of(signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    # nnU-Net forks process pools (and stops them with SIGTERM); a forked child must die of it at once, as before,
+    # not run this handler: with it, a pool worker stopped while waiting on the pool's queue lock hung for good
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     logger.info("site %s (dataset %s) listening on %s", site, dataset, socket_path)
     try:
         server.serve_forever(poll_interval=0.2)
