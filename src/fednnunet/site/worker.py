@@ -234,6 +234,38 @@ def _die_of(signum: int) -> None:
     os.kill(os.getpid(), signum)
 
 
+def install_sigterm_handling(worker: SiteWorker) -> None:
+    """SIGTERM ends the worker at once, except during after-reply work, which it lets finish first.
+
+    Forked children (nnU-Net's process pools, which it stops with SIGTERM) must still die of SIGTERM at once.
+    Resetting the handler in the child is not enough: Python drops a signal that arrives between ``fork()`` and
+    the reset, and a pool worker stopped in that window waits on the pool's queue forever (a site's
+    ``describe`` hung so; a loop of pool starts hung within 1500). SIGTERM is blocked around ``fork()`` instead,
+    so such a signal stays pending in the kernel and kills the child as soon as the child unblocks it.
+    """
+    def on_sigterm(signum: int, _frame: Any) -> None:
+        if worker.in_after_reply:
+            logger.info("site %s: stopping once the work after the last reply is done", worker.site)
+            worker.stop_requested = True
+        else:
+            _die_of(signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    saved = threading.local()
+
+    def before() -> None:
+        saved.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def in_parent() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved.mask)
+
+    def in_child() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved.mask)
+
+    os.register_at_fork(before=before, after_in_parent=in_parent, after_in_child=in_child)
+
+
 def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = False, task: str | None = None,
           train_expect: tuple[str, list[str]] | None = None) -> None:
     """Serve requests on ``socket_path`` until terminated."""
@@ -245,18 +277,7 @@ def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = Fals
     finally:
         os.umask(old)
     worker = server.worker = SiteWorker(site, dataset, exit_after_job, task, train_expect)  # type: ignore[attr-defined]
-
-    def on_sigterm(signum: int, _frame: Any) -> None:
-        if worker.in_after_reply:
-            logger.info("site %s: stopping once the work after the last reply is done", site)
-            worker.stop_requested = True
-        else:
-            _die_of(signum)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    # nnU-Net forks process pools (and stops them with SIGTERM); a forked child must die of it at once, as before,
-    # not run this handler: with it, a pool worker stopped while waiting on the pool's queue lock hung for good
-    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    install_sigterm_handling(worker)
     logger.info("site %s (dataset %s) listening on %s", site, dataset, socket_path)
     try:
         server.serve_forever(poll_interval=0.2)
