@@ -70,8 +70,9 @@ def bucket_edges(lo: int, hi: int, buckets: int) -> np.ndarray:
     return np.unique(np.asarray(uppers, dtype=np.uint64))
 
 
-#: Keys per block in the site's linear passes: small enough for the cache, large enough for numpy's overhead.
-_BLOCK = 1 << 18
+#: Values per block in the site's linear passes over its samples (keys here, float64 deviations in
+#: ``site_samples``): small enough for the cache, large enough for numpy's per-call overhead.
+BLOCK = 1 << 18
 
 
 def count_in_buckets(keys: np.ndarray, lo: int, edges: np.ndarray) -> np.ndarray:
@@ -83,8 +84,8 @@ def count_in_buckets(keys: np.ndarray, lo: int, edges: np.ndarray) -> np.ndarray
     edges = np.asarray(edges).astype(kdt)
     lo_key, hi_key = kdt.type(lo), edges[-1]
     counts = np.zeros(len(edges), np.int64)
-    for start in range(0, keys.size, _BLOCK):
-        block = keys[start:start + _BLOCK]
+    for start in range(0, keys.size, BLOCK):
+        block = keys[start:start + BLOCK]
         inside = block[(block >= lo_key) & (block <= hi_key)]
         if inside.size:
             counts += np.bincount(np.searchsorted(edges, inside, side="left"), minlength=len(edges))
@@ -103,18 +104,18 @@ def coarse_histogram(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     range; they carry what the first count round between the pooled min and max would (2**16 buckets)."""
     shift = keys.dtype.type(coarse_shift(keys.dtype))
     dense = np.zeros(1 << COARSE_BITS, np.int64)
-    for start in range(0, keys.size, _BLOCK):
-        dense += np.bincount(keys[start:start + _BLOCK] >> shift, minlength=dense.size)
+    for start in range(0, keys.size, BLOCK):
+        dense += np.bincount(keys[start:start + BLOCK] >> shift, minlength=dense.size)
     bins = np.flatnonzero(dense)
     return bins.astype(np.uint64), dense[bins]
 
 
 def pool_coarse(histograms: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Server side: the pooled coarse histogram (sorted bins, summed counts) from every site's."""
+    """Server side: the pooled coarse histogram (sorted bins, summed counts) from every site's.
+
+    The histograms must already be checked (the protocol refuses a malformed one, naming its site)."""
     bins = np.concatenate([np.asarray(b, dtype=np.uint64) for b, _ in histograms])
     counts = np.concatenate([np.asarray(c, dtype=np.int64) for _, c in histograms])
-    if (counts < 0).any():
-        raise ValueError("a coarse histogram holds negative counts")
     pooled_bins, inverse = np.unique(bins, return_inverse=True)
     pooled = np.zeros(pooled_bins.size, np.int64)
     np.add.at(pooled, inverse, counts)

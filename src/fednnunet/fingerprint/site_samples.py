@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fednnunet.fingerprint.order_stats import coarse_histogram, count_in_buckets, float_to_key, key_to_float
+from fednnunet.fingerprint.order_stats import BLOCK, coarse_histogram, count_in_buckets, float_to_key, key_to_float
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class LocalSamples:
         dtypes = {s.dtype for c in cases for s in c.samples if s.size}
         self.sample_dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float32)
         self._keys: list[np.ndarray] = []
+        self._key_space: list[np.dtype] = []  # the float type each channel's keys encode
         self._channels: list[dict[str, Any]] = []
         for ch in range(num_channels):
             parts = [c.samples[ch] for c in cases if c.samples[ch].size]
@@ -57,6 +58,7 @@ class LocalSamples:
                 raise ValueError(f"site {site}: channel {ch} has NaN foreground intensities")
             self._channels.append(_moments(values))
             self._keys.append(float_to_key(values) if values.size else np.zeros(0, np.uint32))
+            self._key_space.append(self.sample_dtype)
         #: cases without foreground voxels (nnU-Net samples nothing from them); reported, not an error
         self.empty_cases = [c.case for c in cases if any(s.size == 0 for s in c.samples)]
         # case geometry only: the samples live on as keys
@@ -107,10 +109,14 @@ class LocalSamples:
 
     def bucket_counts(self, channel: int, key_space: np.dtype, lo: int, edges: np.ndarray) -> np.ndarray:
         """How many of this site's samples of ``channel`` fall in each bucket of the server's request."""
-        keys = self._keys[channel]
-        if np.dtype(key_space) != self.sample_dtype:
-            keys = float_to_key(key_to_float(keys, self.sample_dtype).astype(key_space))
-        return count_in_buckets(keys, lo, edges)
+        key_space = np.dtype(key_space)
+        if self._key_space[channel] != key_space:
+            # another site's samples have a wider type; the search runs in its key space from now on, so the keys
+            # are converted once and replace the originals (no second copy is kept)
+            values = key_to_float(self._keys[channel], self._key_space[channel])
+            self._keys[channel] = float_to_key(values.astype(key_space, copy=False))
+            self._key_space[channel] = key_space
+        return count_in_buckets(self._keys[channel], lo, edges)
 
 
 def _moments(values: np.ndarray) -> dict[str, Any]:
@@ -119,8 +125,8 @@ def _moments(values: np.ndarray) -> dict[str, Any]:
         return {"count": 0, "mean": 0.0, "m2": 0.0, "min": 0.0, "max": 0.0}
     mean = float(values.mean(dtype=np.float64))
     m2 = 0.0
-    for start in range(0, values.size, 1 << 20):
-        dev = values[start:start + (1 << 20)].astype(np.float64)
+    for start in range(0, values.size, BLOCK):
+        dev = values[start:start + BLOCK].astype(np.float64)
         dev -= mean
         m2 += float(dev @ dev)
     return {"count": int(values.size), "mean": mean, "m2": m2, "min": float(values.min()), "max": float(values.max())}
