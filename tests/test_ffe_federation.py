@@ -76,6 +76,10 @@ def test_progress_and_round_trips_reported(federated):
     result = json.loads((root / "out" / "result.json").read_text())
     assert result["ok"] and result["round_trips"] == 4  # describe, sample, one percentile count, apply
     assert "percentile search round" in stdout and "done in" in stdout
+    # one channel: every site sampled after its describe reply, and the fingerprint test above shows it exact
+    for site in ("901", "902", "903"):
+        log = (root / "out" / "federation" / "logs" / f"worker-{site}.log").read_text()
+        assert "using the cases analysed ahead" in log, site
 
 
 def test_broken_site_fails_with_site_and_case_named_and_writes_nothing(tmp_path):

@@ -1,4 +1,4 @@
-"""The site worker's SIGTERM handling with nnU-Net's forked process pools (no nnU-Net needed)."""
+"""The site worker's SIGTERM handling: nnU-Net's forked process pools, and work after a reply (no nnU-Net needed)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,29 @@ def test_forked_pools_stop_under_the_workers_sigterm_handler() -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)  # with the hung pool workers
     assert proc.returncode == 0 and out.strip() == "done", out
+
+
+_AFTER_REPLY = textwrap.dedent("""
+    import os, signal, sys, time
+    from fednnunet.site.worker import SiteWorker, install_sigterm_handling
+
+    worker = SiteWorker("901", "901")
+    install_sigterm_handling(worker)
+
+    def work():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        print("finished", flush=True)
+
+    worker.after_reply, worker.after_reply_defers_stop = work, sys.argv[1] == "defer"
+    worker.run_after_reply()
+    print("survived", flush=True)
+""")
+
+
+def test_sigterm_waits_for_a_checkpoint_write_but_not_for_sampling_ahead() -> None:
+    """Work after a reply either defers a SIGTERM until it is done (a checkpoint write must not be torn) or is
+    abandoned at once (sampling ahead is only a head start); either way the worker then dies of SIGTERM."""
+    for mode, expected in (("defer", "finished"), ("abandon", "")):
+        proc = subprocess.run([sys.executable, "-c", _AFTER_REPLY, mode], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == -signal.SIGTERM and proc.stdout.strip() == expected, (mode, proc)

@@ -3,7 +3,9 @@
 Round trips (each one message to every site):
 1. ``describe``: dataset name, case count, dataset.json fields, per-case problems; checked before anything else.
 2. ``fingerprint_sample``: sites sample with the global case count and return aggregates, with the first
-   round of bucket counts for the percentile search as a coarse histogram.
+   round of bucket counts for the percentile search as a coarse histogram. A site with one channel has
+   usually sampled already, after its ``describe`` reply, with its own case count: the global count's samples
+   are a prefix of those (``CaseAnalysis.reusable_for``).
 3. ``fingerprint_counts`` (one round for float32 data): bucket counts that finish the exact percentile search.
 4. ``fingerprint_apply``: every site writes the merged fingerprint and plans/preprocesses from it.
 So FFE costs four round trips whatever the dataset size. With ``asym`` each site extracts and plans locally
@@ -70,7 +72,10 @@ class FingerprintOutcome:
 
 
 def _describe(caller: SiteCaller, job: FingerprintJob) -> dict[str, dict[str, Any]]:
-    replies = caller.broadcast("describe", {"check_cases": job.check_cases, "task": job.task})
+    # FFE sites may sample with their own case count while Flower carries this reply and the sampling request
+    sample_ahead = None if job.asym else {"num_processes": job.num_processes}
+    replies = caller.broadcast("describe", {"check_cases": job.check_cases, "task": job.task,
+                                            "sample_ahead": sample_ahead})
     descs = {site: result for site, (result, _) in replies.items()}
     problems = [p for d in descs.values() for p in d.get("problems", [])]
     if problems:

@@ -39,10 +39,68 @@ def _analyze(case: str, images: list[str], label: str, reader_writer_class: type
     return _CaseResult(case, [int(v) for v in shape], [float(v) for v in spacing], samples, float(rel))
 
 
+@dataclass
+class CaseAnalysis:
+    """Every training case of a site analysed by nnU-Net's ``analyze_case`` with ``samples_per_case`` samples.
+
+    It can be run before the server has told the site the pooled case count (while Flower carries the ``describe``
+    reply and the next request, about 4-5 s): the site's own count bounds the per-case sample count from above,
+    and with one channel the pooled count's samples are a prefix of these (:meth:`reusable_for`)."""
+
+    site: str
+    samples_per_case: int
+    cases: list[_CaseResult]
+    num_channels: int
+
+    @classmethod
+    def run(cls, site: str, dataset_name: str, samples_per_case: int, num_processes: int = 1) -> "CaseAnalysis":
+        """Analyse every training case of this site's raw dataset with nnU-Net's own per-case code."""
+        from batchgenerators.utilities.file_and_folder_operations import join, load_json
+        from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+        from nnunetv2.paths import nnUNet_raw
+        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+        folder = join(nnUNet_raw, dataset_name)
+        dataset_json = load_json(join(folder, "dataset.json"))
+        dataset = get_filenames_of_train_images_and_targets(folder, dataset_json)
+        if not dataset:
+            raise ValueError(f"site {site}: dataset {dataset_name} has no training cases")
+        first = next(iter(dataset.values()))["images"][0]
+        rw = determine_reader_writer_from_dataset_json(dataset_json, first)
+        jobs = [(k, v["images"], v["label"], rw, samples_per_case) for k, v in dataset.items()]
+        if num_processes <= 1:
+            results = [_analyze(*j) for j in jobs]
+        else:
+            with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+                results = pool.starmap(_analyze, jobs)
+        logger.info("site %s: analysed %d cases (%d samples per case)", site, len(results), samples_per_case)
+        return cls(site, samples_per_case, results, len(dataset_json["channel_names"]))
+
+    def reusable_for(self, samples_per_case: int) -> bool:
+        """Whether this analysis holds the ``samples_per_case`` analysis exactly.
+
+        nnU-Net draws a case's samples with ``RandomState(1234).choice`` once per channel, one generator for all
+        channels: the first n of N draws are the n-sample draw, but a second channel's draws start after the
+        first channel's N, so they would differ. Hence one channel only."""
+        return self.num_channels == 1 and samples_per_case <= self.samples_per_case
+
+    def truncated(self, samples_per_case: int) -> "CaseAnalysis":
+        """The analysis nnU-Net gives with ``samples_per_case`` (see :meth:`reusable_for`)."""
+        if not self.reusable_for(samples_per_case):
+            raise ValueError(f"site {self.site}: an analysis of {self.num_channels} channel(s) with "
+                             f"{self.samples_per_case} samples per case cannot stand for {samples_per_case}")
+        cases = [dataclasses.replace(c, samples=[s[:samples_per_case] for s in c.samples]) for c in self.cases]
+        return CaseAnalysis(self.site, samples_per_case, cases, self.num_channels)
+
+
 class LocalSamples:
     """This site's foreground samples, kept per channel as order keys (unsorted) for the percentile search.
 
     Only the keys are kept (the values are their exact inverse) and the summary is computed once, here."""
+
+    @classmethod
+    def of(cls, analysis: CaseAnalysis) -> "LocalSamples":
+        return cls(analysis.site, analysis.cases, analysis.num_channels)
 
     def __init__(self, site: str, cases: Sequence[_CaseResult], num_channels: int) -> None:
         self.site = site
@@ -63,30 +121,6 @@ class LocalSamples:
         self.empty_cases = [c.case for c in cases if any(s.size == 0 for s in c.samples)]
         # case geometry only: the samples live on as keys
         self.cases = [dataclasses.replace(c, samples=[]) for c in cases]
-
-    @classmethod
-    def collect(cls, site: str, dataset_name: str, num_samples_per_case: int, num_processes: int = 1) -> "LocalSamples":
-        """Analyse every training case of this site's raw dataset with nnU-Net's own per-case code."""
-        from batchgenerators.utilities.file_and_folder_operations import join, load_json
-        from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-        from nnunetv2.paths import nnUNet_raw
-        from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-        folder = join(nnUNet_raw, dataset_name)
-        dataset_json = load_json(join(folder, "dataset.json"))
-        dataset = get_filenames_of_train_images_and_targets(folder, dataset_json)
-        if not dataset:
-            raise ValueError(f"site {site}: dataset {dataset_name} has no training cases")
-        first = next(iter(dataset.values()))["images"][0]
-        rw = determine_reader_writer_from_dataset_json(dataset_json, first)
-        jobs = [(k, v["images"], v["label"], rw, num_samples_per_case) for k, v in dataset.items()]
-        if num_processes <= 1:
-            results = [_analyze(*j) for j in jobs]
-        else:
-            with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
-                results = pool.starmap(_analyze, jobs)
-        logger.info("site %s: analysed %d cases (%d samples per case)", site, len(results), num_samples_per_case)
-        return cls(site, results, len(dataset_json["channel_names"]))
 
     def summary(self) -> dict[str, Any]:
         """Aggregates for the server: per-case geometry (as in nnU-Net's fingerprint) and per-channel moments."""

@@ -5,10 +5,11 @@ environment of the site. It serves one request at a time on a Unix socket create
 relays the server's messages to it (see :mod:`fednnunet.site.ipc`). Errors are returned as messages naming the
 site, never as tracebacks crossing the network.
 
-Work that the reply does not need (writing a round's ``checkpoint_latest.pth``) runs after the reply has been
-sent and before the next request is read, so it is off the round's critical path yet never overlaps the state it
-writes. A SIGTERM that arrives during it takes effect once it is done, so stopping a federation right after a
-round does not leave a torn or stale checkpoint behind.
+Work that the reply does not need runs after the reply has been sent and before the next request is read, so it
+is off the critical path (Flower takes seconds to carry the reply and the next request) yet never overlaps the
+state it uses. Two kinds: writing a round's ``checkpoint_latest.pth``, which a SIGTERM does not tear (the signal
+takes effect once the write is done), and sampling the fingerprint's intensities ahead of the server's request,
+which a SIGTERM abandons at once.
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ class SiteWorker:
         self.dataset = dataset
         self.dataset_name: str | None = None
         self.samples = None  # LocalSamples of the running fingerprint extraction
+        self.sampled_ahead = None  # CaseAnalysis run after the describe reply, for the next request
         self.training = None  # TrainingSession of the running federated training
         self.after_reply: Callable[[], None] | None = None  # set by an op, run by run_after_reply
+        self.after_reply_defers_stop = True  # set by the op too: False for work a SIGTERM may abandon
         self.after_reply_error: str | None = None  # reported with the next request
-        self.in_after_reply = False
+        self.deferring_stop = False  # True while after-reply work runs that a SIGTERM must not tear
         self.stop_requested = False  # a SIGTERM arrived during after-reply work
 
     # --- protocol -----------------------------------------------------------------------------------------
@@ -68,6 +71,8 @@ class SiteWorker:
         if self.after_reply_error is not None:
             error, self.after_reply_error = self.after_reply_error, None
             return {"ok": False, "error": f"{op}: site {self.site}: {error}"}, {}
+        if op != "fingerprint_sample":
+            self.sampled_ahead = None  # only the request right after describe uses it
         received_at, started = time.time(), time.perf_counter()
         try:
             result, out = handler(body.get("config", {}), arrays)
@@ -87,15 +92,16 @@ class SiteWorker:
     def run_after_reply(self) -> None:
         """Run the work the last op left for after its reply; a failure is reported with the next request."""
         task, self.after_reply = self.after_reply, None
+        defers_stop, self.after_reply_defers_stop = self.after_reply_defers_stop, True
         if task is not None:
-            self.in_after_reply = True
+            self.deferring_stop = defers_stop
             try:
                 task()
             except Exception as err:  # noqa: BLE001 - kept for the next request, which names the site
                 logger.error("site %s: work after the reply failed:\n%s", self.site, traceback.format_exc())
                 self.after_reply_error = f"after the previous reply: {type(err).__name__}: {err}"
             finally:
-                self.in_after_reply = False
+                self.deferring_stop = False
         if self.stop_requested:
             _die_of(signal.SIGTERM)
 
@@ -116,15 +122,39 @@ class SiteWorker:
         self.dataset_name = desc["dataset_name"]
         problems = check_site_cases(self.site, self.dataset_name) if config.get("check_cases", True) else []
         desc.update(problems=problems, version=__version__, gpu_memory_target_gb=config.get("gpu_memory_target_gb"))
+        ahead = config.get("sample_ahead")
+        if ahead is not None and not problems and len(desc["dataset_json"].get("channel_names", {})) == 1:
+            self.after_reply = lambda: self._sample_ahead(int(desc["num_cases"]), int(ahead.get("num_processes", 1)))
+            self.after_reply_defers_stop = False
         return desc, {}
+
+    def _sample_ahead(self, num_cases: int, num_processes: int) -> None:
+        """Analyse the cases with this site's own case count, an upper bound of the pooled count's samples per case
+        (see ``CaseAnalysis.reusable_for``). A failure is left to the sampling request to meet and report."""
+        from fednnunet.fingerprint.merge import samples_per_case
+        from fednnunet.fingerprint.site_samples import CaseAnalysis
+
+        try:
+            self.sampled_ahead = CaseAnalysis.run(self.site, self._dataset_name(), samples_per_case(num_cases),
+                                                  num_processes)
+        except Exception:  # noqa: BLE001 - the request repeats the analysis and reports what fails
+            logger.warning("site %s: sampling ahead failed; sampling on request instead:\n%s", self.site,
+                           traceback.format_exc())
 
     def op_fingerprint_sample(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         from fednnunet.fingerprint.merge import samples_per_case
-        from fednnunet.fingerprint.site_samples import LocalSamples
+        from fednnunet.fingerprint.site_samples import CaseAnalysis, LocalSamples
 
         name = self._dataset_name()
         per_case = samples_per_case(int(config["global_num_cases"]))
-        self.samples = LocalSamples.collect(self.site, name, per_case, int(config.get("num_processes", 1)))
+        ahead, self.sampled_ahead = self.sampled_ahead, None
+        if ahead is not None and ahead.reusable_for(per_case):
+            analysis = ahead.truncated(per_case)
+            logger.info("site %s: using the cases analysed ahead (%d -> %d samples per case)", self.site,
+                        ahead.samples_per_case, per_case)
+        else:
+            analysis = CaseAnalysis.run(self.site, name, per_case, int(config.get("num_processes", 1)))
+        self.samples = LocalSamples.of(analysis)
         summary = self.samples.summary()
         for case in self.samples.empty_cases:
             logger.warning("site %s, case %s: no foreground voxels; nnU-Net samples no intensities from it",
@@ -235,7 +265,7 @@ def _die_of(signum: int) -> None:
 
 
 def install_sigterm_handling(worker: SiteWorker) -> None:
-    """SIGTERM ends the worker at once, except during after-reply work, which it lets finish first.
+    """SIGTERM ends the worker at once, except during after-reply work that defers it, which it lets finish first.
 
     Forked children (nnU-Net's process pools, which it stops with SIGTERM) must still die of SIGTERM at once.
     Resetting the handler in the child is not enough: Python drops a signal that arrives between ``fork()`` and
@@ -244,7 +274,7 @@ def install_sigterm_handling(worker: SiteWorker) -> None:
     so such a signal stays pending in the kernel and kills the child as soon as the child unblocks it.
     """
     def on_sigterm(signum: int, _frame: Any) -> None:
-        if worker.in_after_reply:
+        if worker.deferring_stop:
             logger.info("site %s: stopping once the work after the last reply is done", worker.site)
             worker.stop_requested = True
         else:
