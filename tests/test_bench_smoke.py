@@ -1,7 +1,8 @@
 """Smoke tests of the benchmarks (issue 6): they run and return their keys. Not benchmarks themselves.
 
-The overhead benchmark runs here at its smallest (one site, two rounds of the tiny model: about a minute and a
-half), the planning benchmark too (one synthetic site: a federated and a local planning, about a minute).
+The overhead benchmark runs here at its smallest (one site, two rounds of the tiny model, then Flower's floor
+with one SuperNode: about two minutes), the planning benchmark too (one synthetic site: a federated and a local
+planning, about a minute).
 """
 
 from __future__ import annotations
@@ -168,3 +169,8 @@ def test_bench_overhead_command_runs_a_federation_and_prints_its_keys(tmp_path: 
                                                         abs=1.0)
     # one download and one upload of the de-duplicated float32 model per site per round (packing adds < 0.1 %)
     assert 2.0 <= result["bytes_per_site_per_round"] / result["model_bytes"] < 2.01
+    # Flower's floor ran in the same run: as many SuperNodes, the round's download as payload, two timed rounds
+    floor = result["floor"]
+    assert floor["sites"] == 1 and len(floor["round_s"]) == 2 and floor["round_s_median"] > 0
+    assert result["model_bytes"] <= floor["payload_bytes"] < 1.01 * result["model_bytes"]
+    assert result["overhead_above_floor_s"] == pytest.approx(result["overhead_s_median"] - result["floor_s_median"])

@@ -23,7 +23,8 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     from fednnunet.bench import bench_overhead, format_overhead
 
     result = bench_overhead(sites=args.sites, rounds=args.rounds, model=args.model, iterations=args.iterations,
-                            transfer_dtype=args.transfer_dtype, work=Path(args.work) if args.work else None)
+                            transfer_dtype=args.transfer_dtype, work=Path(args.work) if args.work else None,
+                            floor=not args.no_floor)
     suffix = "" if args.transfer_dtype == "float32" else f"-{args.transfer_dtype}"
     _emit(args, f"overhead-{args.model}{suffix}", result, format_overhead(result))
     return 0
@@ -56,9 +57,12 @@ def cmd_all(args: argparse.Namespace) -> int:
     steps = [
         (cmd_aggregate, dict(sites="2,4,8,16,32,64", params="30e6", repeats=3, modes="ffe,asym,asym_stream")),
         (cmd_planning, dict(sites=3, work=None, raw=None, datasets=None)),
-        (cmd_overhead, dict(sites=3, rounds=5, model="tiny", iterations=2, transfer_dtype="float32", work=None)),
-        (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, transfer_dtype="float32", work=None)),
-        (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, transfer_dtype="float16", work=None)),
+        (cmd_overhead, dict(sites=3, rounds=5, model="tiny", iterations=2, transfer_dtype="float32", work=None,
+                            no_floor=False)),
+        (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, transfer_dtype="float32", work=None,
+                            no_floor=False)),
+        (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, transfer_dtype="float16", work=None,
+                            no_floor=False)),
     ]
     for fn, extra in steps:
         print(f"--- {fn.__name__[4:]} {extra} ({time.time() - started:.0f} s elapsed)", flush=True)
@@ -82,6 +86,8 @@ def add_commands(sub) -> None:
     b.add_argument("--transfer-dtype", choices=("float32", "float16"), default="float32",
                    help="model transfer dtype (fednnunet run train --transfer-dtype)")
     b.add_argument("--work", help="work folder (default: a new temporary folder)")
+    b.add_argument("--no-floor", action="store_true",
+                   help="skip Flower's floor: the same SuperNodes and bytes per round with no work, run afterwards")
     common(b)
     b.set_defaults(func=cmd_overhead)
 

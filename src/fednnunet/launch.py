@@ -71,13 +71,35 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
-def app_dir(workdir: Path) -> Path:
-    """A copy of the packaged Flower App definition that ``flwr run`` can build a FAB from."""
-    target = workdir / "flower_app"
+#: The packaged Flower App definitions ``flwr run`` can submit: (package, resource path) by folder name.
+FLOWER_APPS = {"flower_app": ("fednnunet.flower", "app/pyproject.toml"),
+               "echo_app": ("fednnunet.bench", "echo_app/pyproject.toml")}  # bench flower-floor
+
+
+def app_dir(workdir: Path, name: str = "flower_app") -> Path:
+    """A copy of a packaged Flower App definition (:data:`FLOWER_APPS`) that ``flwr run`` can build a FAB from."""
+    package, resource = FLOWER_APPS[name]
+    target = workdir / name
     target.mkdir(parents=True, exist_ok=True)
-    source = resources.files("fednnunet.flower").joinpath("app/pyproject.toml")
-    (target / "pyproject.toml").write_text(source.read_text())
+    (target / "pyproject.toml").write_text(resources.files(package).joinpath(resource).read_text())
     return target
+
+
+def supernode_command(server: str, node_config: str = "", root_cert: Path | None = None,
+                      auth_key: Path | None = None, max_wait_s: float | None = None) -> list[str]:
+    """``flower-supernode`` connecting to the SuperLink at ``server`` (insecure without ``root_cert``)."""
+    cmd = [_bin("flower-supernode"), "--superlink", server, "--port", str(free_port())]
+    if node_config:
+        cmd += ["--node-config", node_config]
+    if root_cert is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_cert)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    if max_wait_s is not None:
+        cmd += ["--max-wait-time", str(max_wait_s)]
+    return cmd
 
 
 @dataclass
@@ -256,8 +278,11 @@ class ServerNode(ProcessGroup):
             stale.unlink(missing_ok=True)
         job_file = out / "job.json"
         job.save(job_file)
-        submitted = self.flwr("run", str(app_dir(self.workdir)), "server", "--format", "json",
-                              "--run-config", f'job-file="{job_file}"')
+        return self.submit_app(app_dir(self.workdir), f'job-file="{job_file}"')
+
+    def submit_app(self, app: Path, run_config: str) -> str:
+        """``flwr run`` the Flower App folder ``app`` with ``run_config``; returns the run id."""
+        submitted = self.flwr("run", str(app), "server", "--format", "json", "--run-config", run_config)
         try:
             run_id = json.loads(submitted.stdout)["run-id"]
         except (json.JSONDecodeError, KeyError) as err:
@@ -349,16 +374,8 @@ class SiteNode(ProcessGroup):
         if self.train_expect:
             worker += ["--train-configuration", self.train_expect[0], "--train-folds", *self.train_expect[1]]
         self.worker = self.start_process(f"worker-{self.site.name}", worker, env)
-        cmd = [_bin("flower-supernode"), "--superlink", self.server, "--port", str(free_port()),
-               "--node-config", f'site-socket="{self.socket}"']
-        if self.root_cert is None:
-            cmd.append("--insecure")
-        else:
-            cmd += ["--root-certificates", str(self.root_cert)]
-        if self.auth_key is not None:
-            cmd += ["--auth-supernode-private-key", str(self.auth_key)]
-        if self.max_wait_s is not None:
-            cmd += ["--max-wait-time", str(self.max_wait_s)]
+        cmd = supernode_command(self.server, f'site-socket="{self.socket}"', self.root_cert, self.auth_key,
+                                self.max_wait_s)
         self.supernode = self.start_process(f"supernode-{self.site.name}", cmd, env)
         return self
 

@@ -5,7 +5,8 @@
   :class:`~fednnunet.aggregation.StreamingAsymAverager`, as the server does, and all at once with
   :func:`~fednnunet.aggregation.asym_fedavg` for comparison), against a plain copy of the same bytes timed in
   the same run. The ratio is the figure: absolute times vary between machines.
-* :func:`bench_overhead` (``overhead.py``): per-round overhead and bytes on the wire of a real federation.
+* :func:`bench_overhead` (``overhead.py``): per-round overhead and bytes on the wire of a real federation,
+  with Flower's own floor measured in the same run (``flower_floor.py``: the same nodes and bytes, no work).
 * :func:`bench_planning` (``planning.py``): ``fednnunet run plan_and_preprocess`` on K synthetic sites vs.
   each site's local ``nnUNetv2_plan_and_preprocess`` alone, same machine, same run.
 

@@ -9,6 +9,10 @@ the updates, aggregation), the slowest site's epoch compute time as measured at 
 ``model="30m"``: the same 2D plans with every stage twice as wide (a custom nnU-Net plans file,
 ``nnUNetPlans30M``), which makes the U-Net about 31 M parameters, the size of a 3d_fullres nnU-Net, while the
 compute per iteration stays small enough for a CPU.
+
+The engine's floor is measured in the same run (``floor=True``, :mod:`fednnunet.bench.flower_floor`): the same
+number of SuperNodes exchanging the same bytes per round through Flower with no work at all. Overhead above the
+floor is what the federation adds to Flower's own cost.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ def write_large_plans(preprocessed_dataset: Path, configuration: str = "2d") -> 
 
 
 def bench_overhead(sites: int = 3, rounds: int = 3, model: str = "tiny", iterations: int = 2,
-                   transfer_dtype: str = "float32", work: Path | None = None) -> dict[str, Any]:
-    """Run the federation and return medians over rounds plus the per-round records."""
+                   transfer_dtype: str = "float32", work: Path | None = None, floor: bool = True) -> dict[str, Any]:
+    """Run the federation and return medians over rounds plus the per-round records (and Flower's floor)."""
+    from fednnunet.bench.flower_floor import bench_flower_floor
     from fednnunet.data.synthetic import write_demo_federation
 
     if model not in ("tiny", "30m"):
@@ -58,8 +63,14 @@ def bench_overhead(sites: int = 3, rounds: int = 3, model: str = "tiny", iterati
             "--iterations-per-round", str(iterations), "--val-iterations", "1", "--skip-val", "--da-workers", "0",
             "--transfer-dtype", transfer_dtype, "--out", str(out)], env, work / f"{out.name}.log", 3600)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return summarize(records, sites=sites, model=model, iterations=iterations, transfer_dtype=transfer_dtype,
-                     work=work)
+    result = summarize(records, sites=sites, model=model, iterations=iterations, transfer_dtype=transfer_dtype,
+                       work=work)
+    if floor:
+        download = statistics.median(b["sent"] for r in records for b in r.get("bytes", {}).values())
+        engine = bench_flower_floor(sites, rounds, int(download), work / f"floor-{out.name}")
+        result.update(floor=engine, floor_s_median=engine["round_s_median"],
+                      overhead_above_floor_s=result["overhead_s_median"] - engine["round_s_median"])
+    return result
 
 
 #: Parts of a round's overhead, on the critical path (the site whose reply came last); see round_timing().
@@ -130,4 +141,9 @@ def format_overhead(result: dict[str, Any]) -> str:
         f"{key[:-2]} {value:.2f} s" for key, value in parts.items()))
     lines.append("  prepare/after: server before the push / after the last reply; down/up: Flower (node polling, "
                  "ClientApp start, transfer); site_extra: site work besides the epoch; gap: between rounds")
+    if "floor" in result:
+        floor = result["floor"]
+        lines.append(f"Flower's floor (same nodes and bytes, no work): {floor['round_s_median']:.2f} s per round "
+                     f"(" + " ".join(f"{t:.2f}" for t in floor["round_s"]) + "); overhead above it "
+                     f"{result['overhead_above_floor_s']:.2f} s")
     return "\n".join(lines)
