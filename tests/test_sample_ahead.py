@@ -46,7 +46,7 @@ _SCRIPT = textwrap.dedent("""
         assert described["ok"], described
         worker.run_after_reply()
         used_ahead = worker.sampled_ahead is not None
-        reply, arrays = worker.handle({"op": "fingerprint_sample", "config": {"global_num_cases": 17}}, {})
+        reply, arrays = worker.handle({"op": "fingerprint_sample", "config": {"global_num_cases": 20000}}, {})
         assert reply["ok"], reply
         assert worker.sampled_ahead is None
         return used_ahead, reply["result"]["summary"], arrays
