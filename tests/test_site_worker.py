@@ -48,7 +48,7 @@ _AFTER_REPLY = textwrap.dedent("""
         time.sleep(1)
         print("finished", flush=True)
 
-    worker.after_reply, worker.after_reply_defers_stop = work, sys.argv[1] == "defer"
+    worker.after_reply(work, stop_waits=sys.argv[1] == "defer")
     worker.run_after_reply()
     print("survived", flush=True)
 """)

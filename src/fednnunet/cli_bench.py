@@ -54,15 +54,13 @@ def cmd_all(args: argparse.Namespace) -> int:
     """Every benchmark at the sizes reported in BENCHMARKS.md (`make bench`)."""
     started = time.time()
     base = vars(args)
+    overhead = dict(sites=3, rounds=5, iterations=2, work=None, no_floor=False)
     steps = [
         (cmd_aggregate, dict(sites="2,4,8,16,32,64", params="30e6", repeats=3, modes="ffe,asym,asym_stream")),
         (cmd_planning, dict(sites=3, work=None, raw=None, datasets=None)),
-        (cmd_overhead, dict(sites=3, rounds=5, model="tiny", iterations=2, transfer_dtype="float32", work=None,
-                            no_floor=False)),
-        (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, transfer_dtype="float32", work=None,
-                            no_floor=False)),
-        (cmd_overhead, dict(sites=3, rounds=5, model="30m", iterations=2, transfer_dtype="float16", work=None,
-                            no_floor=False)),
+        (cmd_overhead, dict(overhead, model="tiny", transfer_dtype="float32")),
+        (cmd_overhead, dict(overhead, model="30m", transfer_dtype="float32")),
+        (cmd_overhead, dict(overhead, model="30m", transfer_dtype="float16")),
     ]
     for fn, extra in steps:
         print(f"--- {fn.__name__[4:]} {extra} ({time.time() - started:.0f} s elapsed)", flush=True)

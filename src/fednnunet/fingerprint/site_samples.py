@@ -76,13 +76,18 @@ class CaseAnalysis:
         logger.info("site %s: analysed %d cases (%d samples per case)", site, len(results), samples_per_case)
         return cls(site, samples_per_case, results, len(dataset_json["channel_names"]))
 
-    def reusable_for(self, samples_per_case: int) -> bool:
-        """Whether this analysis holds the ``samples_per_case`` analysis exactly.
+    @staticmethod
+    def prefix_is_exact(num_channels: int) -> bool:
+        """Whether the first n of a case's N samples are nnU-Net's n-sample draw, for data of ``num_channels``.
 
         nnU-Net draws a case's samples with ``RandomState(1234).choice`` once per channel, one generator for all
         channels: the first n of N draws are the n-sample draw, but a second channel's draws start after the
         first channel's N, so they would differ. Hence one channel only."""
-        return self.num_channels == 1 and samples_per_case <= self.samples_per_case
+        return num_channels == 1
+
+    def reusable_for(self, samples_per_case: int) -> bool:
+        """Whether this analysis holds the ``samples_per_case`` analysis exactly (see :meth:`prefix_is_exact`)."""
+        return self.prefix_is_exact(self.num_channels) and samples_per_case <= self.samples_per_case
 
     def truncated(self, samples_per_case: int) -> "CaseAnalysis":
         """The analysis nnU-Net gives with ``samples_per_case`` (see :meth:`reusable_for`)."""

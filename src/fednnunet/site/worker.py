@@ -56,8 +56,7 @@ class SiteWorker:
         self.samples = None  # LocalSamples of the running fingerprint extraction
         self.sampled_ahead = None  # CaseAnalysis run after the describe reply, for the next request
         self.training = None  # TrainingSession of the running federated training
-        self.after_reply: Callable[[], None] | None = None  # set by an op, run by run_after_reply
-        self.after_reply_defers_stop = True  # set by the op too: False for work a SIGTERM may abandon
+        self._after_reply: tuple[Callable[[], None], bool] | None = None  # (work, a SIGTERM waits for it)
         self.after_reply_error: str | None = None  # reported with the next request
         self.deferring_stop = False  # True while after-reply work runs that a SIGTERM must not tear
         self.stop_requested = False  # a SIGTERM arrived during after-reply work
@@ -89,14 +88,18 @@ class SiteWorker:
         result["received_at"], result["replied_at"] = received_at, time.time()
         return {"ok": True, "result": result}, out
 
+    def after_reply(self, work: Callable[[], None], stop_waits: bool = True) -> None:
+        """Leave ``work`` for after this op's reply. ``stop_waits``: a SIGTERM meanwhile takes effect once the
+        work is done (a checkpoint write); otherwise it ends the worker at once (work that is only a head start)."""
+        self._after_reply = (work, stop_waits)
+
     def run_after_reply(self) -> None:
         """Run the work the last op left for after its reply; a failure is reported with the next request."""
-        task, self.after_reply = self.after_reply, None
-        defers_stop, self.after_reply_defers_stop = self.after_reply_defers_stop, True
-        if task is not None:
-            self.deferring_stop = defers_stop
+        pending, self._after_reply = self._after_reply, None
+        if pending is not None:
+            work, self.deferring_stop = pending
             try:
-                task()
+                work()
             except Exception as err:  # noqa: BLE001 - kept for the next request, which names the site
                 logger.error("site %s: work after the reply failed:\n%s", self.site, traceback.format_exc())
                 self.after_reply_error = f"after the previous reply: {type(err).__name__}: {err}"
@@ -114,6 +117,7 @@ class SiteWorker:
     def op_describe(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         from fednnunet import __version__
         from fednnunet.fingerprint.integrity import check_site_cases, describe_site
+        from fednnunet.fingerprint.site_samples import CaseAnalysis
 
         if self.task and config.get("task") and config["task"] != self.task:
             raise SiteError(f"site {self.site} was started for task {self.task!r} but the server runs "
@@ -123,9 +127,10 @@ class SiteWorker:
         problems = check_site_cases(self.site, self.dataset_name) if config.get("check_cases", True) else []
         desc.update(problems=problems, version=__version__, gpu_memory_target_gb=config.get("gpu_memory_target_gb"))
         ahead = config.get("sample_ahead")
-        if ahead is not None and not problems and len(desc["dataset_json"].get("channel_names", {})) == 1:
-            self.after_reply = lambda: self._sample_ahead(int(desc["num_cases"]), int(ahead.get("num_processes", 1)))
-            self.after_reply_defers_stop = False
+        if (ahead is not None and not problems
+                and CaseAnalysis.prefix_is_exact(len(desc["dataset_json"].get("channel_names", {})))):
+            self.after_reply(lambda: self._sample_ahead(int(desc["num_cases"]), int(ahead.get("num_processes", 1))),
+                             stop_waits=False)
         return desc, {}
 
     def _sample_ahead(self, num_cases: int, num_processes: int) -> None:
@@ -213,7 +218,7 @@ class SiteWorker:
     def op_train_round(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         session = self._session()
         reply = session.round(config, arrays)
-        self.after_reply = session.save_checkpoint
+        self.after_reply(session.save_checkpoint)
         return reply
 
     def op_train_finish(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
