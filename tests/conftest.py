@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -55,3 +59,23 @@ def planned_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_logged([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(PLANNED_SITE_ID), "-c", "2d", "-np", "1",
                 "-npfp", "1"], env, root / "plan.log", timeout=600)
     return root
+
+
+@contextmanager
+def own_run(server, timeout_s: float = 120.0) -> Iterator:  # noqa: ANN001 - a started fednnunet.launch.ServerNode
+    """A run of the federation's app that ``server`` executes by handing the test its Grid: the test sends the
+    sites operations itself (``FlowerSiteCaller(grid)``) through the real SuperLink, SuperNodes and workers."""
+    from fednnunet.flower.app_bundle import app_dir
+
+    grids: queue.Queue = queue.Queue()
+    done = threading.Event()
+
+    def work(grid) -> None:  # noqa: ANN001 - Flower's Grid
+        grids.put(grid)
+        done.wait()
+
+    server.submit_app(app_dir(server.workdir), 'job-file=""', work)
+    try:
+        yield grids.get(timeout=timeout_s)
+    finally:
+        done.set()

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
-import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, run_logged, trainer_env
+from conftest import BIN, own_run, run_logged, trainer_env
 from conftest import PLANNED_SITE_ID as DATASET_ID
 from fednnunet.site.weights import alias_map, load_unique_state, unique_state, unique_tensors, unwrap
 
@@ -405,48 +404,38 @@ def test_nnunet_predict_uses_the_site_folder_as_is(site_run: dict) -> None:
 # ------------------------------------------------------------------------- the site worker around a round
 
 
-def _start_worker(env: dict[str, str], sock: str, log: Path) -> "subprocess.Popen":
-    with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "fednnunet.site.worker", "--socket", sock, "--site", "901",
-                                 "--dataset", str(DATASET_ID)], env=env, stdout=f, stderr=subprocess.STDOUT)
-
-
 def test_worker_checkpoints_after_the_reply_and_finishes_it_on_sigterm(planned_site: Path, tmp_path: Path) -> None:
-    """A round's reply does not wait for ``checkpoint_latest.pth``; a SIGTERM sent as soon as the reply arrives
-    (when the worker is writing it) stops the worker only once the checkpoint is complete. A worker resumed from
-    that checkpoint but asked for a later round than it holds refuses instead of training a shifted schedule."""
-    from fednnunet.site import ipc
+    """A round's reply does not wait for ``checkpoint_latest.pth``: the worker writes it after pushing the reply.
+    A SIGTERM right after the reply reached the server leaves a complete checkpoint (that the signal waits for a
+    write in progress is shown in test_site_worker). A worker resumed from that checkpoint but asked for a later
+    round than it holds refuses instead of training a shifted schedule. Real SuperLink, SuperNode and worker."""
+    from fednnunet.flower.site_caller import FlowerSiteCaller
+    from fednnunet.launch import ServerNode, Site, SiteNode
 
     env = trainer_env(planned_site, tmp_path / "results")
     cfg = {"configuration": "2d", "fold": 0, "rounds": 3, "epochs_per_round": 1, "iterations_per_round": 2,
            "val_iterations": 1, "da_workers": 0, "continue_training": False}
-    with tempfile.TemporaryDirectory(prefix="w-") as d:  # short: Unix socket paths are limited to ~100 bytes
-        sock = str(Path(d) / "w.sock")
-        proc = _start_worker(env, sock, tmp_path / "worker.log")
-        try:
-            init, weights = ipc.request(sock, {"op": "train_init", "config": cfg}, connect_wait_s=120)
-            assert init["ok"], init
-            reply, update = ipc.request(sock, {"op": "train_round", "config": {"round": 1, "epoch_end": 1}}, weights)
-            proc.send_signal(signal.SIGTERM)
-            assert reply["ok"] and update, reply
-            assert proc.wait(timeout=120) == -signal.SIGTERM
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        log = (tmp_path / "worker.log").read_text()
-        latest = Path(init["result"]["output_folder"]) / "checkpoint_latest.pth"
-        assert latest.is_file(), log[-3000:]
+    with ServerNode(tmp_path / "server") as server, own_run(server) as grid:
+        caller = FlowerSiteCaller(grid)
+        with SiteNode(tmp_path / "site", Site("901", str(DATASET_ID)), server.site_address, env) as node:
+            caller.wait_for_nodes(1, 120)
+            [(init, weights)] = caller.broadcast("train_init", cfg).values()
+            [(reply, update)] = caller.call("train_round", {"901": {"round": 1, "epoch_end": 1}},
+                                            {"901": weights}).values()
+            node.worker.popen.send_signal(signal.SIGTERM)
+            assert reply["metrics"]["epoch"] == 1 and update, reply
+            assert node.worker.popen.wait(timeout=120) == -signal.SIGTERM
+        latest = Path(init["output_folder"]) / "checkpoint_latest.pth"
+        assert latest.is_file(), (tmp_path / "site" / "logs" / "worker-901.log").read_text()[-3000:]
         assert torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"] == 1
 
-        sock = str(Path(d) / "w2.sock")  # the killed worker left its socket file behind
-        proc = _start_worker(env, sock, tmp_path / "worker2.log")
-        try:
-            init, weights = ipc.request(sock, {"op": "train_init", "config": {**cfg, "continue_training": True}},
-                                        connect_wait_s=120)
-            assert init["ok"] and init["result"]["current_epoch"] == 1, init
-            reply, _ = ipc.request(sock, {"op": "train_round", "config": {"round": 3, "epoch_end": 3}}, weights)
-            assert not reply["ok"]
-            assert "site 901" in reply["error"] and "no checkpoint_latest.pth as recent" in reply["error"], reply
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+        old_nodes = set(grid.get_node_ids())  # Flower lists the stopped node as online for a while
+        with SiteNode(tmp_path / "site2", Site("901", str(DATASET_ID)), server.site_address, env):
+            deadline = time.monotonic() + 120
+            while not (new := set(grid.get_node_ids()) - old_nodes) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            caller.node_of = {"901": new.pop()}  # the site came back as a new node
+            [(info, weights)] = caller.broadcast("train_init", {**cfg, "continue_training": True}).values()
+            assert info["current_epoch"] == 1, info
+            _, errors = caller.try_call("train_round", {"901": {"round": 3, "epoch_end": 3}}, {"901": weights})
+            assert "site 901" in errors["901"] and "no checkpoint_latest.pth as recent" in errors["901"], errors

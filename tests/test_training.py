@@ -217,7 +217,7 @@ class _FakeCaller:
         assert op == "describe"
         return {s: ({"dataset_name": f"Dataset{s}"}, {}) for s in self.shapes}
 
-    def try_call(self, op, configs, arrays=None, timeout_s=None, on_reply=None):
+    def try_call(self, op, configs, arrays=None, timeout_s=None, on_reply=None, expected_s=None):
         """The transport's contract: each successful reply goes through ``on_reply`` (if given) as it arrives."""
         replies, errors = self._replies(op, configs, arrays)
         if on_reply is not None:

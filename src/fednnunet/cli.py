@@ -182,73 +182,77 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     def work() -> dict:
         try:
-            server = ServerNode(out_dir / "server", host, port, tls, on_event=_printer(started),
-                                insecure=args.insecure)
+            server = ServerNode(out_dir / "server", (host, port), tls, on_event=_printer(started),
+                                insecure=args.insecure, database=out_dir / "server" / "superlink.db")
         except FederationError as err:
             raise SystemExit(f"error: {err}") from None
         with server:
             print(f"serving {args.task} on {host}:{port} ({'TLS, registered sites only' if tls else 'insecure'}); "
                   f"waiting for {args.num_clients} site(s); output {out_dir}", flush=True)
+            print("\n".join(server.exposure()), flush=True)
             return server.run(job)
 
     return _run_reporting(args.task, out_dir, started, work)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from fednnunet.launch import FederationError, Site, SiteNode, tail
+    """One hospital: this process is the site worker; it starts the site's SuperNode and answers its tasks."""
+    from fednnunet.launch import is_loopback, split_address
+    from fednnunet.site.serve import SuperNodeExited, run_site
+    from fednnunet.site.supernode import SuperNodeSpec
+    from fednnunet.site.worker import SiteWorker, install_sigterm_handling
 
     _require_env()
+    host, _ = split_address(args.server)
+    if not args.tls_root and not args.insecure and not is_loopback(host):
+        raise SystemExit(f"error: refusing to connect to {args.server} without TLS: pass --tls-root CA_FILE "
+                         "(or --insecure)")
     if args.insecure:
         print("WARNING: --insecure: the connection to the server is neither encrypted nor authenticated",
               file=sys.stderr)
+    if args.da_workers is not None:
+        os.environ["nnUNet_n_proc_DA"] = str(args.da_workers)  # read by nnU-Net's trainer, imported later
     name = args.site_name or args.dataset
-    workdir = Path(os.environ["nnUNet_results"]) / "FednnUNet" / f"client-{name}-{args.task}"
-    env = {"nnUNet_n_proc_DA": str(args.da_workers)} if args.da_workers is not None else {}
+    logs = Path(os.environ["nnUNet_results"]) / "FednnUNet" / f"client-{name}-{args.task}" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    worker = SiteWorker(name, args.dataset, exit_after_job=True, task=args.task,
+                        train_expect=(args.configuration, _split_ids(args.fold)) if args.task == "train" else None)
+    spec = SuperNodeSpec(args.server, Path(args.tls_root).resolve() if args.tls_root else None,
+                         Path(args.auth_key).resolve() if args.auth_key else None, args.connect_timeout)
     started = time.time()
-
-    def work() -> None:
-        try:
-            node = SiteNode(workdir, Site(name, args.dataset), args.server,
-                            root_cert=Path(args.tls_root).resolve() if args.tls_root else None,
-                            auth_key=Path(args.auth_key).resolve() if args.auth_key else None, extra_env=env,
-                            exit_after_job=True, max_wait_s=args.connect_timeout, task=args.task,
-                            insecure=args.insecure, train_expect=(args.configuration, _split_ids(args.fold))
-                            if args.task == "train" else None)
-        except FederationError as err:
-            raise SystemExit(f"error: {err}") from None
-        with node:
-            node.wait_ready()
-            print(f"site {name} (dataset {args.dataset}) connected to {args.server} for {args.task}; "
-                  f"logs in {node.logs}", flush=True)
-            while True:
-                code = node.worker.popen.poll()
-                if code is not None:
-                    if code != 0:
-                        raise FederationError(f"site worker failed (code {code}):\n{tail(node.worker.log)}")
-                    print(f"site {name}: the server's job ended after {time.time() - started:.0f} s")
-                    return None
-                if node.supernode.popen.poll() is not None:
-                    raise FederationError(f"lost the server {args.server} (SuperNode exited): "
-                                          f"{_supernode_reason(node.supernode.log)}")
-                time.sleep(0.5)
-
-    return _run_reporting(args.task, workdir, started, work)
+    log = logs / f"worker-{name}.log"
+    print(f"site {name} (dataset {args.dataset}) joining {args.server} for {args.task}; log {log}", flush=True)
+    terminal, terminal_err = _send_output_to(log)
+    install_sigterm_handling(worker)  # SIGTERM: stop at once, but never in the middle of a checkpoint write
+    try:
+        run_site(worker, spec, logs)
+    except SuperNodeExited as err:
+        print(f"error: {err}", file=terminal_err, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: this site's SuperNode was stopped", file=terminal_err, flush=True)
+        return 130
+    print(f"site {name}: the server's job ended after {time.time() - started:.0f} s", file=terminal, flush=True)
+    return 0
 
 
-def _supernode_reason(log: Path) -> str:
-    """A person-readable reason from a SuperNode log (refused key, TLS failure, unreachable server)."""
-    from fednnunet.launch import tail
-
-    text = tail(log, 40)
-    for needle, reason in (("Failed to activate SuperNode", "the server refused this site: its key is not "
-                            "registered there (or no --auth-key was given)"),
-                           ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not signed by --tls-root"),
-                           ("SSL", "TLS handshake failed (wrong --tls-root, or the server does not use TLS)"),
-                           ("Giving up reconnection", "the server cannot be reached (down, wrong address, or it "
-                            "requires TLS)")):
-        if needle in text:
-            return reason + f"; last log lines:\n{tail(log, 8)}"
-    return "last log lines:\n" + tail(log, 8)
+def _send_output_to(log: Path) -> tuple[Any, Any]:
+    """From now on this process's output (nnU-Net prints its training log; the library logs at INFO) goes to
+    ``log``; the returned (stdout, stderr) files still reach the terminal, for this command's own lines."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal, terminal_err = os.fdopen(os.dup(1), "w"), os.fdopen(os.dup(2), "w")
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in root.handlers:
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task poll otherwise
+    return terminal, terminal_err
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -441,8 +445,10 @@ def _add_train_options(t: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # a job run in this process logs INFO to its own server.log
+        handler.setLevel(level)
     raise SystemExit(args.func(args))
 
 

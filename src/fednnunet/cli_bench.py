@@ -50,6 +50,16 @@ def cmd_planning(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_epoch(args: argparse.Namespace) -> int:
+    from fednnunet.bench import bench_site_epoch, format_site_epoch
+
+    result = bench_site_epoch(rounds=args.rounds, repeats=args.repeats, iterations=args.iterations,
+                              val_iterations=args.val_iterations, device=args.device, da_workers=args.da_workers,
+                              work=Path(args.work) if args.work else None)
+    _emit(args, "site-epoch", result, format_site_epoch(result))
+    return 0
+
+
 def cmd_all(args: argparse.Namespace) -> int:
     """Every benchmark at the sizes reported in BENCHMARKS.md (`make bench`)."""
     started = time.time()
@@ -61,6 +71,9 @@ def cmd_all(args: argparse.Namespace) -> int:
         (cmd_overhead, dict(overhead, model="tiny", transfer_dtype="float32")),
         (cmd_overhead, dict(overhead, model="30m", transfer_dtype="float32")),
         (cmd_overhead, dict(overhead, model="30m", transfer_dtype="float16")),
+        (cmd_overhead, dict(overhead, sites=1, model="30m", transfer_dtype="float32")),
+        (cmd_site_epoch, dict(rounds=3, repeats=2, iterations=250, val_iterations=50, device="cpu", da_workers=None,
+                              work=None)),
     ]
     for fn, extra in steps:
         print(f"--- {fn.__name__[4:]} {extra} ({time.time() - started:.0f} s elapsed)", flush=True)
@@ -104,6 +117,18 @@ def add_commands(sub) -> None:
     b.add_argument("--work", help="work folder (default: a new temporary folder)")
     common(b)
     b.set_defaults(func=cmd_planning)
+
+    b = bench.add_parser("site-epoch", help="a site's epochs: nnU-Net's own training vs a one-site federation")
+    b.add_argument("--rounds", type=int, default=3, help="epochs (= federated rounds) per run")
+    b.add_argument("--repeats", type=int, default=2, help="runs per arm, alternating")
+    b.add_argument("--iterations", type=int, default=250, help="training iterations per epoch (nnU-Net's: 250)")
+    b.add_argument("--val-iterations", type=int, default=50, help="validation iterations per epoch (nnU-Net's: 50)")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    b.add_argument("--da-workers", type=int, default=None,
+                   help="nnUNet_n_proc_DA for both arms (default: 0 on the CPU, nnU-Net's own on CUDA)")
+    b.add_argument("--work", help="work folder (default: a new temporary folder)")
+    common(b)
+    b.set_defaults(func=cmd_site_epoch)
 
     b = bench.add_parser("all", help="every benchmark (make bench)")
     common(b)

@@ -1,11 +1,11 @@
 """Starting the federation's real Flower processes: the server side, one site, or both on one machine.
 
-- :class:`ServerNode`: a Flower SuperLink (TLS + SuperNode authentication, or insecure on loopback) plus the
-  submission of a job with ``flwr run`` and following it until its ``result.json`` appears.
-- :class:`SiteNode`: one site's worker process and its Flower SuperNode.
+- :class:`ServerNode`: a Flower SuperLink on 127.0.0.1 that executes only the runs this server submits (with
+  ``flwr run``; it follows each until its ``result.json`` appears), and for ``fednnunet server`` the gateway
+  that serves the sites (TLS, Fleet API only).
+- :class:`SiteNode`: one site's worker process and its Flower SuperNode, from which the worker takes its tasks.
 - :class:`LocalFederation`: a ServerNode and one SiteNode per dataset on loopback (``fednnunet run``).
-Every process gets its own session so that its whole tree (ServerApp and ClientApp subprocesses included)
-is stopped on exit, on failure and on Ctrl-C.
+Every process gets its own session so that its whole tree is stopped on exit, on failure and on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -14,27 +14,30 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from fednnunet.federation.job import JobSpec
 from fednnunet.federation.runner import EVENTS_FILE, read_result
+from fednnunet.flower.app_bundle import app_dir
+
+if TYPE_CHECKING:
+    from fednnunet.flower.own_runs import OwnRuns
 
 logger = logging.getLogger(__name__)
 
-#: Flower 1.41 SuperExec task polling interval (environment variable read by flower-superexec) and our value.
-SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-SUPEREXEC_POLL_S = "0.25"
 #: Seconds between ``flwr ls`` checks for a run that ended without a result (see ServerNode.follow).
 RUN_STATUS_CHECK_S = 30.0
 
@@ -71,26 +74,30 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
-#: The packaged Flower App definitions ``flwr run`` can submit: (package, resource path) by folder name.
-FLOWER_APPS = {"flower_app": ("fednnunet.flower", "app/pyproject.toml"),
-               "echo_app": ("fednnunet.bench", "echo_app/pyproject.toml")}  # bench flower-floor
+def write_secret(folder: Path) -> Path:
+    """A new random SuperExec auth secret in ``folder`` (made private: mode 0700), readable by this user only."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    path = folder / "superexec.secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return path
 
 
-def app_dir(workdir: Path, name: str = "flower_app") -> Path:
-    """A copy of a packaged Flower App definition (:data:`FLOWER_APPS`) that ``flwr run`` can build a FAB from."""
-    package, resource = FLOWER_APPS[name]
-    target = workdir / name
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "pyproject.toml").write_text(resources.files(package).joinpath(resource).read_text())
-    return target
+def supernode_command(server: str, root_cert: Path | None = None, auth_key: Path | None = None,
+                      max_wait_s: float | None = None, secret_file: Path | None = None,
+                      runtime_port: int | None = None) -> list[str]:
+    """``flower-supernode`` connecting to the SuperLink at ``server`` (insecure without ``root_cert``).
 
-
-def supernode_command(server: str, node_config: str = "", root_cert: Path | None = None,
-                      auth_key: Path | None = None, max_wait_s: float | None = None) -> list[str]:
-    """``flower-supernode`` connecting to the SuperLink at ``server`` (insecure without ``root_cert``)."""
-    cmd = [_bin("flower-supernode"), "--superlink", server, "--port", str(free_port())]
-    if node_config:
-        cmd += ["--node-config", node_config]
+    With ``secret_file`` the SuperNode runs in ``--isolation process``: it starts no ClientApp and only the holder
+    of the secret (the site worker) can take its tasks from its Runtime API on 127.0.0.1:``runtime_port``.
+    Without, it is a stock SuperNode that runs each message's ClientApp itself (the bench's Flower floor).
+    """
+    cmd = [_bin("flower-supernode"), "--superlink", server, "--host", "127.0.0.1",
+           "--port", str(runtime_port or free_port())]
+    if secret_file is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
     if root_cert is None:
         cmd.append("--insecure")
     else:
@@ -171,10 +178,6 @@ class ProcessGroup(StartStop):
         # Flower's processes start helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["FLWR_HOME"] = str(self.flwr_home / home)
-        # Flower's SuperExec looks for a new task (a message to start a ClientApp for) once a second by default;
-        # 0.25 s takes ~0.4 s off the average latency of every message; 0.1 s would cost a SuperLink plus a
-        # SuperNode ~10 % of a core while idle (~5 % at the default 1 s).
-        env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S)
         env.update(self.extra_env)
         (self.flwr_home / home).mkdir(parents=True, exist_ok=True)
         return env
@@ -182,8 +185,9 @@ class ProcessGroup(StartStop):
     def start_process(self, name: str, cmd: list[str], env: dict[str, str]) -> _Proc:
         log = self.logs / f"{name}.log"
         with log.open("ab") as f:
-            popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                     preexec_fn=_stop_with_launcher if sys.platform == "linux" else None)
+            popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     start_new_session=True,
+                                     preexec_fn=die_with_parent if sys.platform == "linux" else None)
         proc = _Proc(name, popen, log)
         self._procs.append(proc)
         logger.debug("started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
@@ -200,63 +204,167 @@ class ProcessGroup(StartStop):
         self._procs.clear()
 
 
-class ServerNode(ProcessGroup):
-    """The coordinating server: a SuperLink, and jobs submitted to it with ``flwr run``."""
+def wait_listening(group: ProcessGroup, host: str, port: int, what: str, timeout_s: float = 60.0) -> None:
+    """Wait until ``host:port`` accepts connections; fail early if a process of ``group`` died."""
+    deadline = time.monotonic() + timeout_s
+    while not _port_open(host, port):
+        group.check_alive()
+        if time.monotonic() > deadline:
+            raise FederationError(f"{what} not listening on {host}:{port} after {timeout_s:.0f} s")
+        time.sleep(0.1)
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None,
-                 tls: ServerTLS | None = None, on_event: Callable[[dict], None] = lambda e: None,
-                 insecure: bool = False) -> None:
+
+class ServerNode(ProcessGroup):
+    """The coordinating server: a SuperLink on 127.0.0.1 that executes only the runs submitted through this
+    object, and, when ``public`` is given, the gateway that serves the sites on that address.
+
+    * ``public=None`` (one machine, ``fednnunet run``): sites connect to the SuperLink's loopback port.
+    * ``public=(host, port)`` (``fednnunet server``): the sites reach only the gateway
+      (:mod:`fednnunet.security.gateway`): TLS with ``tls``'s server certificate and the Fleet API only. With
+      ``tls`` the SuperLink authenticates SuperNodes (the keys of ``tls/sites/`` are registered over loopback) and,
+      as Flower requires TLS for that, serves its loopback port with a certificate made for this start.
+    * ``flower_executes=True``: a stock SuperLink that runs every submitted ServerApp itself (the bench's floor
+      of bare Flower only).
+    * ``database``: the SuperLink keeps its state there (Flower's ``--database``), so a server restarted with
+      ``--resume`` knows the sites' nodes and their SuperNodes reconnect by themselves.
+    """
+
+    def __init__(self, workdir: Path, public: tuple[str, int] | None = None, tls: ServerTLS | None = None,
+                 on_event: Callable[[dict], None] = lambda e: None, insecure: bool = False,
+                 flower_executes: bool = False, database: Path | None = None) -> None:
         super().__init__(workdir)
-        if tls is None and not insecure and not is_loopback(host):
-            raise FederationError(f"refusing to serve {host} without TLS: pass --tls-dir (or --insecure to "
+        if public is not None and tls is None and not insecure and not is_loopback(public[0]):
+            raise FederationError(f"refusing to serve {public[0]} without TLS: pass --tls-dir (or --insecure to "
                                   "accept unencrypted, unauthenticated connections)")
-        self.host = host
-        self.port = port or free_port()
+        self.public = public
+        self.port = free_port()  # the SuperLink's, on 127.0.0.1
         self.tls = tls
         self.on_event = on_event
+        self.flower_executes = flower_executes
+        self.database = database
+        self.loopback_tls: Path | None = None
+        self.own_runs: OwnRuns | None = None
+        # the SuperExec secret and the loopback TLS key: a private folder (mode 0700), not the shared work folder
+        self.private = Path(tempfile.mkdtemp(prefix="fednnunet-server-"))
 
     @property
-    def connect_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+    def site_address(self) -> str:
+        """Where sites connect: the gateway's public address, else the SuperLink itself."""
+        host, port = self.public or ("127.0.0.1", self.port)
+        return f"{host}:{port}"
 
     def start(self) -> "ServerNode":
-        cmd = [_bin("flower-superlink"), "--host", self.host, "--port", str(self.port),
+        cmd = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                "--disable-runtime-dependency-installation"]
+        if self.database is not None:  # registered site keys keep their node ids when the server restarts
+            cmd += ["--database", str(self.database)]
+        secret = None
+        if not self.flower_executes:
+            secret = write_secret(self.private)
+            cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
         if self.tls is None:
             cmd.append("--insecure")
         else:
+            from fednnunet.security.certs import make_loopback_tls
+
             self.tls.check()
-            cmd += ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.folder / "server.crt"),
-                    "--ssl-keyfile", str(self.tls.folder / "server.key"), "--enable-supernode-auth"]
+            self.loopback_tls = make_loopback_tls(self.private / "loopback-tls")
+            cmd += ["--ssl-ca-certfile", str(self.loopback_tls / "ca.crt"),
+                    "--ssl-certfile", str(self.loopback_tls / "server.crt"),
+                    "--ssl-keyfile", str(self.loopback_tls / "server.key"), "--enable-supernode-auth"]
         self.start_process("superlink", cmd, self.env("superlink"))
         self._write_cli_config()
-        deadline = time.monotonic() + 60
-        while not _port_open(self.connect_host, self.port):
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise FederationError(f"SuperLink not listening on {self.host}:{self.port} after 60 s")
-            time.sleep(0.2)
+        wait_listening(self, "127.0.0.1", self.port, "SuperLink")
         if self.tls is not None:
             self.register_sites(self.tls.site_public_keys())
+        if secret is not None:
+            self._start_own_runs(secret)
+        if self.public is not None:
+            self._start_gateway()
         return self
+
+    def exposure(self) -> list[str]:
+        """What is reachable where, for people (``fednnunet server`` prints it)."""
+        lines = [f"exposed: {self.site_address}: "
+                 + ("TLS gateway: Flower Fleet API only (SuperNodes), registered site keys only" if self.tls
+                    else "gateway WITHOUT TLS: Flower Fleet API only, any SuperNode can join (--insecure)")]
+        lines.append(f"loopback only: SuperLink 127.0.0.1:{self.port} (Control API for `flwr` on this machine: "
+                     f"FLWR_HOME={self.flwr_home / 'cli'} flwr ls server; Runtime API for this server's ServerApp)")
+        return lines
+
+    def _start_gateway(self) -> None:
+        host, port = self.public  # type: ignore[misc]
+        scheme = "http" if self.tls is None else "https"
+        cmd = [sys.executable, "-m", "fednnunet.security.gateway", "--listen", f"{host}:{port}",
+               "--upstream", f"{scheme}://127.0.0.1:{self.port}"]
+        if self.tls is not None:
+            cmd += ["--upstream-ca", str(self.loopback_tls / "ca.crt"),  # type: ignore[operator]
+                    "--certfile", str(self.tls.folder / "server.crt"), "--keyfile", str(self.tls.folder / "server.key")]
+        self.start_process("gateway", cmd, self.env("gateway"))
+        wait_listening(self, "127.0.0.1" if host in ("0.0.0.0", "::") else host, port, "gateway")
+
+    def _start_own_runs(self, secret: Path) -> None:
+        from fednnunet.flower.own_runs import OwnRuns
+        from fednnunet.flower.runtime_tasks import RuntimeTasks
+
+        root = None if self.loopback_tls is None else (self.loopback_tls / "ca.crt").read_bytes()
+        tasks = RuntimeTasks(f"127.0.0.1:{self.port}", secret.read_bytes(), root)
+        self.own_runs = OwnRuns(tasks, self._execute, self._refused)
+        self.own_runs.run_in_background()
+
+    def _execute(self, claimed, work: Callable[[Any], None]) -> None:  # noqa: ANN001 - a ClaimedTask
+        """Do ``work(grid)`` for our own claimed run, in a thread of this process (no ServerApp process)."""
+        threading.Thread(target=self._execute_work, args=(claimed, work), name=f"run-{claimed.run_id}",
+                         daemon=True).start()
+
+    @staticmethod
+    def _execute_work(claimed, work: Callable[[Any], None]) -> None:  # noqa: ANN001 - a ClaimedTask
+        from fednnunet.flower.runtime_tasks import SubStatus
+
+        status, details = SubStatus.FAILED, "the job failed"
+        try:
+            with claimed.heartbeats():
+                grid = claimed.server_grid()
+                try:
+                    work(grid)
+                    status, details = SubStatus.COMPLETED, ""
+                except Exception as err:  # noqa: BLE001 - result.json and the events carry it to the launcher
+                    logger.exception("run %d failed", claimed.run_id)
+                    details = f"{type(err).__name__}: {err}"
+                finally:
+                    grid.close()
+            claimed.finish(status, details)
+        finally:
+            claimed.close()
+
+    def _refused(self, run_id: int, fab_hash: str) -> None:
+        self.on_event({"t": time.time(), "kind": "warning",
+                       "message": f"refused run {run_id} (FAB sha256 {fab_hash[:12]}): not submitted by this "
+                                  "server; nothing of it was run"})
+
+    def stop(self) -> None:
+        if self.own_runs is not None:
+            self.own_runs.stop()
+            self.own_runs = None
+        super().stop()
+        shutil.rmtree(self.private, ignore_errors=True)
 
     def _write_cli_config(self) -> None:
         home = self.flwr_home / "cli"
         home.mkdir(parents=True, exist_ok=True)
-        security = ("insecure = true\n" if self.tls is None
-                    else f'root-certificates = "{self.tls.ca}"\n')  # type: ignore[union-attr]
-        # With TLS the certificate's subject names must include this host (`fednnunet certs --hosts`).
+        security = ("insecure = true\n" if self.loopback_tls is None
+                    else f'root-certificates = "{self.loopback_tls / "ca.crt"}"\n')
         (home / "config.toml").write_text(f'[superlink]\ndefault = "server"\n\n[superlink.server]\n'
-                                          f'address = "{self.connect_host}:{self.port}"\n{security}')
+                                          f'address = "127.0.0.1:{self.port}"\n{security}')
 
     def register_sites(self, public_keys: Sequence[Path]) -> None:
-        """Register site keys (Flower SuperNode authentication): only these sites can join."""
+        """Register site keys (Flower SuperNode authentication) over loopback: only these sites can join."""
         if not public_keys:
             raise FederationError(f"no site public keys in {self.tls.folder / 'sites'}; "  # type: ignore[union-attr]
                                   "nothing could join")
         for key in public_keys:
             res = self.flwr("supernode", "register", str(key), "server")
-            if res.returncode != 0:
+            if res.returncode != 0 and "already" not in (res.stdout + res.stderr).lower():
                 raise FederationError(f"registering {key.name} failed: {res.stdout}{res.stderr}")
             logger.info("registered site key %s", key.name)
 
@@ -271,22 +379,29 @@ class ServerNode(ProcessGroup):
         return self.follow(run_id, Path(job.out_dir), timeout_s, check or self.check_alive)
 
     def submit(self, job: JobSpec) -> str:
-        """Submit ``job`` with ``flwr run`` and return its run id (the job starts at once, in the SuperLink)."""
+        """Submit ``job`` with ``flwr run`` and return its run id (its ServerApp starts at once)."""
         out = Path(job.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for stale in (out / "result.json", out / EVENTS_FILE):
             stale.unlink(missing_ok=True)
         job_file = out / "job.json"
         job.save(job_file)
-        return self.submit_app(app_dir(self.workdir), f'job-file="{job_file}"')
+        from fednnunet.flower.server_app import execute
 
-    def submit_app(self, app: Path, run_config: str) -> str:
-        """``flwr run`` the Flower App folder ``app`` with ``run_config``; returns the run id."""
-        submitted = self.flwr("run", str(app), "server", "--format", "json", "--run-config", run_config)
-        try:
-            run_id = json.loads(submitted.stdout)["run-id"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise FederationError(f"flwr run failed: {submitted.stdout}{submitted.stderr}") from err
+        return self.submit_app(app_dir(self.workdir), f'job-file="{job_file}"', lambda grid: execute(grid, job))
+
+    def submit_app(self, app: Path, run_config: str, work: Callable[[Any], None] | None = None) -> str:
+        """``flwr run`` the Flower App folder ``app`` with ``run_config``; returns the run id. This server then
+        does ``work(grid)`` for that run in this process (with Flower's Grid of the run), and executes no other
+        run; unless ``flower_executes``, where the SuperLink runs the app's ServerApp itself."""
+        with (self.own_runs.submitting() if self.own_runs is not None else nullcontext(lambda run_id, work: None)
+              ) as expect:
+            submitted = self.flwr("run", str(app), "server", "--format", "json", "--run-config", run_config)
+            try:
+                run_id = json.loads(submitted.stdout)["run-id"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise FederationError(f"flwr run failed: {submitted.stdout}{submitted.stderr}") from err
+            expect(run_id, work)
         return run_id
 
     def follow(self, run_id: str, out: Path, timeout_s: float | None, check: Callable[[], None]) -> dict:
@@ -340,56 +455,25 @@ class ServerNode(ProcessGroup):
 
 
 class SiteNode(ProcessGroup):
-    """One site: its worker (state and ML) and its SuperNode (transport to the server)."""
+    """One site of a one-machine federation: its worker process (state and ML), which starts and owns the site's
+    SuperNode (transport to the server; see :mod:`fednnunet.site.supernode`) and takes every task from it."""
 
-    def __init__(self, workdir: Path, site: Site, server: str, *, root_cert: Path | None = None,
-                 auth_key: Path | None = None, extra_env: dict[str, str] | None = None,
-                 exit_after_job: bool = False, max_wait_s: float | None = None, task: str | None = None,
-                 insecure: bool = False, train_expect: tuple[str, list[str]] | None = None) -> None:
+    def __init__(self, workdir: Path, site: Site, server: str, extra_env: dict[str, str] | None = None) -> None:
         super().__init__(workdir, extra_env)
-        host, _ = split_address(server)
-        if root_cert is None and not insecure and not is_loopback(host):
-            raise FederationError(f"refusing to connect to {server} without TLS: pass --tls-root CA_FILE (or "
-                                  "--insecure)")
         self.site = site
         self.server = server
-        self.root_cert = root_cert
-        self.auth_key = auth_key
-        self.exit_after_job = exit_after_job
-        self.task = task
-        self.train_expect = train_expect
-        self.max_wait_s = max_wait_s
-        # Unix socket paths are limited to ~100 bytes: keep them in a short temporary folder
-        self._sock_dir = Path(tempfile.mkdtemp(prefix="fednn-"))
-        self.socket = self._sock_dir / f"{site.name}.sock"
+        self.runtime_port = free_port()
 
     def start(self) -> "SiteNode":
-        env = self.env(f"site-{self.site.name}")
-        worker = [sys.executable, "-m", "fednnunet.site.worker", "--socket", str(self.socket),
-                  "--site", self.site.name, "--dataset", self.site.dataset]
-        if self.exit_after_job:
-            worker.append("--exit-after-job")
-        if self.task:
-            worker += ["--task", self.task]
-        if self.train_expect:
-            worker += ["--train-configuration", self.train_expect[0], "--train-folds", *self.train_expect[1]]
-        self.worker = self.start_process(f"worker-{self.site.name}", worker, env)
-        cmd = supernode_command(self.server, f'site-socket="{self.socket}"', self.root_cert, self.auth_key,
-                                self.max_wait_s)
-        self.supernode = self.start_process(f"supernode-{self.site.name}", cmd, env)
+        worker = [sys.executable, "-m", "fednnunet.site.worker", "--site", self.site.name, "--dataset",
+                  self.site.dataset, "--superlink", self.server, "--runtime-port", str(self.runtime_port),
+                  "--logs", str(self.logs)]
+        self.worker = self.start_process(f"worker-{self.site.name}", worker, self.env(f"site-{self.site.name}"))
         return self
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.socket.exists():
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise FederationError(f"site {self.site.name}: worker not ready after {timeout_s:.0f} s")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        super().stop()
-        shutil.rmtree(self._sock_dir, ignore_errors=True)
+        """Until the SuperNode's Runtime API (where the worker takes its tasks) listens; fails if the worker died."""
+        wait_listening(self, "127.0.0.1", self.runtime_port, f"site {self.site.name}: SuperNode", timeout_s)
 
 
 @dataclass
@@ -404,15 +488,14 @@ class LocalFederation(StartStop):
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
         self.server = ServerNode(self.workdir, on_event=self.on_event)
-        self.nodes = [SiteNode(self.workdir, s, f"127.0.0.1:{self.server.port}", extra_env=self.site_env)
+        self.nodes = [SiteNode(self.workdir, s, self.server.site_address, extra_env=self.site_env)
                       for s in self.sites]
         self.logs = self.server.logs
         self._reported_dead: set[str] = set()
 
     def start(self) -> "LocalFederation":
-        """Start every process at once: the site workers import torch and nnU-Net while the SuperLink and the
-        job start (:meth:`run` checks they came up; a message that reaches a worker still starting waits for
-        it, see ``client_app``)."""
+        """Start every process at once: the site workers import while the SuperLink and the job start (:meth:`run`
+        checks they came up)."""
         for node in self.nodes:
             node.start()
         self.server.start()
@@ -450,8 +533,8 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _stop_with_launcher() -> None:
-    """Run in a started process before it executes (Linux): it gets SIGTERM when the launcher dies, even by
+def die_with_parent() -> None:
+    """Run in a started process before it executes (Linux): it gets SIGTERM when its parent dies, even by
     SIGKILL, so that a killed ``fednnunet`` never leaves a SuperLink, SuperNode or worker running on its own
     (they run in their own sessions so that a Ctrl-C reaches only the launcher, which stops them in order)."""
     import ctypes

@@ -5,8 +5,10 @@ sends the model) and the ClientApp answers at once with a buffer of the same siz
 answers with its update; the same content would let Flower skip the upload, because it addresses objects by their
 hash). The server gathers the replies with the training server's own :class:`FlowerSiteCaller` (0.1 s polling)
 and every round sends new content. What a round takes here is what Flower 1.41 itself costs on this machine for
-one download and one upload per site: SuperNode polling, a ClientApp process per message and the object
-transfers. ``fednnunet bench overhead`` measures it in the same run as the federation's overhead.
+one download and one upload per site: SuperNode polling, a ClientApp process per message (started by Flower's
+SuperExec, which looks for new messages every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, here 0.25 s instead of its
+default 1 s, to make the floor no slower than Flower can be) and the object transfers. ``fednnunet bench
+overhead`` measures it in the same run as the federation's overhead.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from fednnunet.planning.site_planning import write_json_atomic
 
 server = ServerApp()
 client = ClientApp()
+
+#: Flower 1.41's SuperExec polling interval for new tasks (environment variable) and the floor's value.
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_S = "0.25"
 
 
 @client.query()
@@ -61,15 +67,18 @@ def main(grid: Grid, context: Context) -> None:
 
 def bench_flower_floor(sites: int, rounds: int, payload_bytes: int, work: Path) -> dict[str, Any]:
     """Start a SuperLink and ``sites`` SuperNodes on loopback, run the echo app; round times and their median."""
-    from fednnunet.launch import ProcessGroup, ServerNode, app_dir, supernode_command
+    from fednnunet.flower.app_bundle import app_dir
+    from fednnunet.launch import ProcessGroup, ServerNode, supernode_command
 
     work = Path(work).resolve()
     out = work / "run"
-    nodes = ProcessGroup(work)
-    with ServerNode(work) as superlink:
+    nodes = ProcessGroup(work, {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_S})
+    superlink = ServerNode(work, flower_executes=True)
+    superlink.extra_env[SUPEREXEC_POLL_ENV] = SUPEREXEC_POLL_S  # its SuperExec starts the ServerApp
+    with superlink:
         try:
             for i in range(sites):
-                nodes.start_process(f"supernode-{i}", supernode_command(f"127.0.0.1:{superlink.port}"),
+                nodes.start_process(f"supernode-{i}", supernode_command(superlink.site_address),
                                     nodes.env(f"node-{i}"))
 
             def check() -> None:

@@ -335,6 +335,14 @@ def _save_round(out: Path, r: int, models: Mapping[str, Arrays], asym: bool, his
         logger.warning("could not draw %s: %s", out / PLOT_FILE, err)
 
 
+def _first_reply_s(history: list[dict[str, Any]]) -> float | None:
+    """Seconds from the push to the first reply in the fastest round so far (the first round is slow: warm-up);
+    the transport pulls for replies slowly until close to it."""
+    firsts = [min(s["round_trip_s"] for s in sites.values())
+              for rec in history if (sites := (rec.get("timing") or {}).get("sites"))]
+    return min(firsts) if firsts else None
+
+
 def _specs_differ(a: ModelSpec, b: ModelSpec) -> str | None:
     for name in list(a.params) + [n for n in b.params if n not in a.params]:
         if a.params.get(name) != b.params.get(name):
@@ -458,7 +466,7 @@ class _FoldRun:
                 return None
 
             replies, errors = self.caller.try_call("train_round", configs, payload, timeout_s=opts.round_timeout_s,
-                                                   on_reply=take)
+                                                   on_reply=take, expected_s=_first_reply_s(history))
             del payload, shared
             exchange_times = dict(getattr(self.caller, "exchange_times", {}))
             round_bytes = {x: {"sent": traffic.sent.get(x, 0) - before[x][0],

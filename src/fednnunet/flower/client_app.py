@@ -1,45 +1,49 @@
-"""Flower ClientApp: relays each message to this site's worker process (see fednnunet.site.worker).
+"""Flower ClientApp of the federation. It runs inside the site worker, never in a process of its own.
 
-The SuperNode's node config names the worker's socket: ``--node-config 'site-socket="/path/site.sock"'``.
-Kept free of torch and nnU-Net imports so that the per-message process starts fast.
+A site's SuperNode runs with ``--isolation process``: Flower starts no ClientApp for it; the site worker claims
+each task from the SuperNode and calls :func:`make_client_app` 's app in its own process (see
+:mod:`fednnunet.site.serve`), which turns the message into one worker operation. The module-level ``app`` is what
+the Flower App definition names; it has no worker, so wherever Flower itself loads it (a SuperNode left in its
+default isolation) it refuses every message with the reason.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fednnunet.array_layout import LayoutError
 from fednnunet.flower.messages import from_record, to_record
-from fednnunet.site import ipc
 
-app = ClientApp()
+#: One worker operation: (body, arrays) of the server's message -> (reply body, reply arrays).
+Handler = Callable[[dict[str, Any], dict[str, np.ndarray]], tuple[dict[str, Any], dict[str, np.ndarray]]]
 
-#: How long a message waits for a site worker that is still starting (its SuperNode may connect first).
-WORKER_START_WAIT_S = 60.0
-
-
-def _relay(msg: Message, context: Context) -> Message:
-    socket_path = str(context.node_config.get("site-socket", ""))
-    if not socket_path:
-        reply = {"ok": False, "error": "this SuperNode has no 'site-socket' in its --node-config"}
-        return Message(to_record(reply), reply_to=msg)
-    try:
-        body, arrays = from_record(msg.content)
-    except LayoutError as err:
-        return Message(to_record({"ok": False, "error": f"malformed message from the server: {err}"}), reply_to=msg)
-    try:
-        reply, out = ipc.request(socket_path, body, arrays, connect_wait_s=WORKER_START_WAIT_S)
-    except (OSError, LayoutError) as err:
-        reply, out = {"ok": False, "error": f"site worker at {socket_path} unreachable: {err}"}, {}
-    return Message(to_record(reply, out), reply_to=msg)
+NO_WORKER = ("fednnunet's ClientApp runs only inside the fednnunet site worker, beside a SuperNode started with "
+             "--isolation process (use `fednnunet client`)")
 
 
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    return _relay(msg, context)
+def make_client_app(handler: Handler | None) -> ClientApp:
+    """A ClientApp whose query and train messages go to ``handler`` (None: refuse every message)."""
+    app = ClientApp()
+
+    def handle(msg: Message, context: Context) -> Message:
+        if handler is None:
+            return Message(to_record({"ok": False, "error": NO_WORKER}), reply_to=msg)
+        try:
+            body, arrays = from_record(msg.content)
+        except LayoutError as err:
+            return Message(to_record({"ok": False, "error": f"malformed message from the server: {err}"}),
+                           reply_to=msg)
+        reply, out = handler(body, arrays)
+        del arrays, body
+        return Message(to_record(reply, out), reply_to=msg)
+
+    app.query()(handle)
+    app.train()(handle)
+    return app
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    return _relay(msg, context)
+app = make_client_app(None)

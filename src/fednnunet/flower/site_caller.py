@@ -1,7 +1,9 @@
 """A :class:`~fednnunet.fingerprint.protocol.SiteCaller` over a Flower Grid.
 
 Why not ``grid.send_and_receive``: it sleeps 3 s between pulls, which adds up to seconds per round; here replies
-are pulled every ``poll_s`` (0.1 s by default). Replies are matched by ``reply_to_message_id`` (the source id of
+are pulled every ``poll_s`` (0.1 s by default; every :data:`IDLE_POLL_S` while no reply can be expected yet, see
+``try_call``'s ``expected_s``: each pull is a request that the SuperLink and this process serve on the cores the
+sites train on). Replies are matched by ``reply_to_message_id`` (the source id of
 SuperLink-generated error replies is not the node's). A node answers with its site name in every reply, which is
 how node ids map to site names.
 """
@@ -23,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 Reply = tuple[dict[str, Any], Arrays]
+#: Seconds between pulls while no reply is expected yet.
+IDLE_POLL_S = 1.0
 #: Called with (site, result, arrays) for each successful reply as it arrives; returns an error or None.
 OnReply = Callable[[str, dict[str, Any], Arrays], "str | None"]
 
@@ -89,17 +93,19 @@ class FlowerSiteCaller:
         return self._exchange(op, {self.node_of[s]: (c, arrays.get(s)) for s, c in configs.items()}, timeout_s)
 
     def try_call(self, op: str, configs: Mapping[str, dict[str, Any]], arrays: Mapping[str, Arrays] | None = None,
-                 timeout_s: float | None = None, on_reply: OnReply | None = None
+                 timeout_s: float | None = None, on_reply: OnReply | None = None, expected_s: float | None = None
                  ) -> tuple[dict[str, Reply], dict[str, str]]:
         """Like :meth:`call` but returns (replies, errors) instead of raising when some sites fail.
 
         ``on_reply(site, result, arrays)``, when given, is called for each successful reply as soon as it is
         pulled (so the server can aggregate an update and drop it before the next one arrives): a returned
         string makes it an error of that site; otherwise the reply is kept without its arrays.
+        ``expected_s``: no reply is expected before 80 % of this many seconds (a round as long as the last one);
+        until then replies are pulled only every IDLE_POLL_S.
         """
         arrays = arrays or {}
         return self._exchange_tolerant(op, {self.node_of[s]: (c, arrays.get(s)) for s, c in configs.items()},
-                                       timeout_s, on_reply)
+                                       timeout_s, on_reply, expected_s)
 
     def _exchange(self, op: str, payloads: Mapping[int, tuple[dict[str, Any], Arrays | None]],
                   timeout_s: float | None) -> dict[str, Reply]:
@@ -109,7 +115,7 @@ class FlowerSiteCaller:
         return replies
 
     def _exchange_tolerant(self, op: str, payloads: Mapping[int, tuple[dict[str, Any], Arrays | None]],
-                           timeout_s: float | None, on_reply: OnReply | None = None
+                           timeout_s: float | None, on_reply: OnReply | None = None, expected_s: float | None = None
                            ) -> tuple[dict[str, Reply], dict[str, str]]:
         site_of = {n: s for s, n in self.node_of.items()}
         messages, sent_bytes = [], {}
@@ -124,6 +130,7 @@ class FlowerSiteCaller:
         pushed_at = time.time()
         pending = dict(zip(ids, payloads))
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        quiet_until = time.monotonic() + 0.8 * (expected_s or 0.0)
         replies: dict[str, Reply] = {}
         errors: dict[str, str] = {}
         while pending and time.monotonic() < deadline:
@@ -159,7 +166,7 @@ class FlowerSiteCaller:
                     replies[site] = (body["result"], {})
                 del out, msg  # an update is dropped as soon as it has been used
             if pending:
-                time.sleep(self.poll_s)
+                time.sleep(self.poll_s if time.monotonic() >= quiet_until or replies or errors else IDLE_POLL_S)
         for node in pending.values():
             errors[site_of.get(node, f"node {node}")] = f"no reply within {timeout_s or self.timeout_s:.0f} s"
         return replies, errors

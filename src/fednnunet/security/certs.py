@@ -65,16 +65,8 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def make_certificates(out: Path, hosts: Sequence[str], sites: int, valid_days: int = 365) -> CertificateSet:
-    """Create a CA, a server certificate for ``hosts`` and ``sites`` site key pairs in ``out`` (must not exist
-    or be empty)."""
-    out = Path(out)
-    if not hosts:
-        raise ValueError("at least one host name or address is needed for the server certificate")
-    if sites < 1:
-        raise ValueError("at least one site key is needed")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; refusing to overwrite certificates")
+def _ca_and_server(hosts: Sequence[str], valid_days: int) -> dict[str, bytes]:
+    """PEM files of a new CA and of a server certificate for ``hosts`` signed by it."""
     now = datetime.datetime.now(datetime.timezone.utc)
     until = now + datetime.timedelta(days=valid_days)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -95,14 +87,41 @@ def make_certificates(out: Path, hosts: Sequence[str], sites: int, valid_days: i
                    .add_extension(_san(hosts), critical=False)
                    .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
                    .sign(ca_key, hashes.SHA256()))
+    return {"ca.crt": ca_cert.public_bytes(serialization.Encoding.PEM), "ca.key": _pem_key(ca_key),
+            "server.crt": server_cert.public_bytes(serialization.Encoding.PEM), "server.key": _pem_key(server_key)}
+
+
+def make_loopback_tls(out: Path, valid_days: int = 30) -> Path:
+    """ca.crt, server.crt and server.key (mode 0600) for a server on 127.0.0.1 only, in a new folder ``out``.
+
+    Why: Flower's SuperLink refuses SuperNode authentication without TLS, also on the loopback address behind
+    the coordinator's gateway. The CA's key is not kept: nothing else is ever signed with it.
+    """
+    out = Path(out)
+    out.mkdir(mode=0o700, parents=True, exist_ok=False)
+    for name, data in _ca_and_server(["127.0.0.1", "localhost"], valid_days).items():
+        if name != "ca.key":
+            _write(out / name, data, private=name.endswith(".key"))
+    return out
+
+
+def make_certificates(out: Path, hosts: Sequence[str], sites: int, valid_days: int = 365) -> CertificateSet:
+    """Create a CA, a server certificate for ``hosts`` and ``sites`` site key pairs in ``out`` (must not exist
+    or be empty)."""
+    out = Path(out)
+    if not hosts:
+        raise ValueError("at least one host name or address is needed for the server certificate")
+    if sites < 1:
+        raise ValueError("at least one site key is needed")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; refusing to overwrite certificates")
+    pems = _ca_and_server(hosts, valid_days)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write(tmp / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
-        _write(tmp / "ca.key", _pem_key(ca_key), private=True)
-        _write(tmp / "server.crt", server_cert.public_bytes(serialization.Encoding.PEM))
-        _write(tmp / "server.key", _pem_key(server_key), private=True)
+        for name, data in pems.items():
+            _write(tmp / name, data, private=name.endswith(".key"))
         (tmp / "sites").mkdir()
         for i in range(sites):
             key = ec.generate_private_key(ec.SECP384R1())

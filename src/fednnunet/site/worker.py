@@ -1,11 +1,11 @@
 """The long-lived process of one site: holds the site's state across Flower messages and does the ML.
 
 Started next to the site's SuperNode (by ``fednnunet client`` or the one-machine launcher) with the nnU-Net
-environment of the site. It serves one request at a time on a Unix socket created with mode 0600; the ClientApp
-relays the server's messages to it (see :mod:`fednnunet.site.ipc`). Errors are returned as messages naming the
-site, never as tracebacks crossing the network.
+environment of the site. It claims its SuperNode's tasks itself and answers one at a time in this process (see
+:mod:`fednnunet.site.serve`): no process per message, no relay. Errors are returned as messages naming the site,
+never as tracebacks crossing the network.
 
-Work that the reply does not need runs after the reply has been sent and before the next request is read, so it
+Work that the reply does not need runs after the reply has been pushed and before the next task is claimed, so it
 is off the critical path (Flower takes seconds to carry the reply and the next request) yet never overlaps the
 state it uses. Two kinds: writing a round's ``checkpoint_latest.pth``, which a SIGTERM does not tear (the signal
 takes effect once the write is done), and sampling the fingerprint's intensities ahead of the server's request,
@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
-import socketserver
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-
-from fednnunet.site import ipc
 
 if TYPE_CHECKING:  # pragma: no cover - the session imports torch/nnU-Net, which the worker loads lazily
     from fednnunet.site.training_session import TrainingSession
@@ -224,7 +223,9 @@ class SiteWorker:
     def op_train_finish(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         session = self._session()
         self.training = None  # finished either way: a failed finish must not be retried on a half-closed trainer
-        return session.finish(config, arrays), {}
+        result = session.finish(config, arrays)
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        return result, {}
 
     def op_train_validate(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         """``--val``: validate this site's existing final checkpoint only."""
@@ -244,23 +245,6 @@ class SiteWorker:
 
             self.dataset_name = describe_site(self.site, self.dataset)["dataset_name"]
         return self.dataset_name
-
-
-class _Handler(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        worker: SiteWorker = self.server.worker  # type: ignore[attr-defined]
-        try:
-            body, arrays = ipc.recv_frame(self.request)
-        except (ipc.FrameError, ValueError) as err:
-            ipc.send_frame(self.request, {"ok": False, "error": f"site {worker.site}: bad request: {err}"})
-            return
-        reply, out = worker.handle(body, arrays)
-        try:
-            ipc.send_frame(self.request, reply, out)
-        finally:
-            worker.run_after_reply()
-        if worker.exit_requested:
-            threading.Thread(target=self.server.shutdown, daemon=True).start()
 
 
 def _die_of(signum: int) -> None:
@@ -301,32 +285,17 @@ def install_sigterm_handling(worker: SiteWorker) -> None:
     os.register_at_fork(before=before, after_in_parent=in_parent, after_in_child=in_child)
 
 
-def serve(socket_path: str, site: str, dataset: str, exit_after_job: bool = False, task: str | None = None,
-          train_expect: tuple[str, list[str]] | None = None) -> None:
-    """Serve requests on ``socket_path`` until terminated."""
-    if os.path.exists(socket_path):
-        os.unlink(socket_path)
-    old = os.umask(0o077)  # the socket is reachable by this user only
-    try:
-        server = socketserver.UnixStreamServer(socket_path, _Handler)
-    finally:
-        os.umask(old)
-    worker = server.worker = SiteWorker(site, dataset, exit_after_job, task, train_expect)  # type: ignore[attr-defined]
-    install_sigterm_handling(worker)
-    logger.info("site %s (dataset %s) listening on %s", site, dataset, socket_path)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        server.server_close()
-        if os.path.exists(socket_path):
-            os.unlink(socket_path)
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="FednnU-Net site worker (started by `fednnunet client`)")
-    parser.add_argument("--socket", required=True)
+    """One site of a one-machine federation (``fednnunet run`` starts one per dataset); ``fednnunet client`` runs
+    the same in its own process."""
+    parser = argparse.ArgumentParser(description="FednnU-Net site worker with its SuperNode")
     parser.add_argument("--site", required=True)
     parser.add_argument("--dataset", required=True)
+    parser.add_argument("--superlink", required=True, help="HOST:PORT of the server")
+    parser.add_argument("--root-certificates", default=None, help="CA certificate of the server (TLS)")
+    parser.add_argument("--auth-key", default=None, help="this site's private key (SuperNode authentication)")
+    parser.add_argument("--runtime-port", type=int, default=None, help="local port of the SuperNode's Runtime API")
+    parser.add_argument("--logs", required=True, help="folder for the SuperNode's log")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--exit-after-job", action="store_true", help="exit when the server's job ends")
     parser.add_argument("--task", default=None, help="refuse jobs of another task")
@@ -334,8 +303,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-folds", nargs="*", default=None, help="refuse training of other folds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task poll otherwise
+    from fednnunet.site.serve import SuperNodeExited, run_site
+    from fednnunet.site.supernode import SuperNodeSpec
+
     expect = None if args.train_configuration is None else (args.train_configuration, list(args.train_folds or []))
-    serve(args.socket, args.site, args.dataset, args.exit_after_job, args.task, expect)
+    worker = SiteWorker(args.site, args.dataset, args.exit_after_job, args.task, expect)
+    install_sigterm_handling(worker)
+    spec = SuperNodeSpec(args.superlink, Path(args.root_certificates) if args.root_certificates else None,
+                         Path(args.auth_key) if args.auth_key else None)
+    try:
+        run_site(worker, spec, Path(args.logs), args.runtime_port)
+    except SuperNodeExited as err:
+        logger.error("%s", err)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

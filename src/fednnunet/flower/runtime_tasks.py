@@ -1,0 +1,146 @@
+"""Taking Flower tasks ourselves from a Runtime API (a SuperNode or SuperLink started with ``--isolation process``).
+
+Why: in its default isolation a Flower SuperNode installs and runs the ClientApp of whatever app (FAB) a run
+carries, in a fresh process per message, and a SuperLink runs any submitted ServerApp. In ``--isolation process``
+neither starts anything: an outside executor claims each task from the component's Runtime API
+(``AcquireTask``, signed with the SuperExec auth secret that the component was started with) and then acts on it
+with the task's token. FednnU-Net is that executor: the site worker handles its SuperNode's tasks in its own
+process with its installed ClientApp (no process per message, no relay) and refuses runs of any other app; the
+coordinator starts a ServerApp only for the run it submitted itself and fails every other run.
+
+This module is the whole contract with Flower 1.41's Runtime API; every call goes through Flower's own client,
+interceptors and (de)serialisation functions. ``tests/test_flower_contract.py`` fails loudly when an upgrade
+changes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import httpx
+from flwr.app import Context, Message
+from flwr.common.constant import SubStatus
+from flwr.common.serde import run_from_proto
+from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
+    AcquireTaskRequest,
+    PullTaskInputRequest,
+    SendTaskHeartbeatRequest,
+)
+from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender
+from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
+                                         SuperExecAuthHttpInterceptor)
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.superlink.grid import HttpGrid
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClaimedTask", "RuntimeTasks", "TaskType", "SubStatus"]
+
+#: The only Runtime API method the SuperExec secret protects (Flower's own SuperExec signs the same one).
+_ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
+
+
+def _client(address: str, interceptors: list, root_certificates: bytes | None) -> RuntimeHttpClient:
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=root_certificates is None, root_certificates=root_certificates,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"), *interceptors])
+
+
+class RuntimeTasks:
+    """Claims pending tasks of one Runtime API with the SuperExec auth secret (only its holder can claim)."""
+
+    def __init__(self, address: str, secret: bytes, root_certificates: bytes | None = None) -> None:
+        self.address = address
+        self.root_certificates = root_certificates
+        self._client = _client(address, [SuperExecAuthHttpInterceptor(
+            master_secret=secret, protected_methods=frozenset({_ACQUIRE_METHOD}))], root_certificates)
+
+    def acquire(self, task_type: TaskType) -> "ClaimedTask | None":
+        """The oldest pending task of ``task_type`` (now claimed by us), or None when there is none."""
+        res = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=[task_type]))
+        if not res.HasField("task") or not res.token:
+            return None
+        return ClaimedTask(res.task, res.token, self.address, self.root_certificates)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+@dataclass
+class ClaimedTask:
+    """One claimed task; its token authorises every further call about it (and is never logged)."""
+
+    task: Task
+    token: str
+    address: str
+    root_certificates: bytes | None = None
+
+    def __post_init__(self) -> None:
+        self._client = _client(self.address, [RuntimeTokenHttpInterceptor(self.token)], self.root_certificates)
+        self.cancelled = False  # set when the component no longer knows the task (its run was stopped)
+
+    @property
+    def run_id(self) -> int:
+        return int(self.task.run_id)
+
+    @property
+    def fab_hash(self) -> str:
+        return str(self.task.fab_hash)
+
+    def pull_input(self) -> tuple[Message, Context, Run, Fab]:
+        """A ClientApp task's message, context, run and FAB (data only: nothing of the FAB is installed or run)."""
+        return pull_task_input(self._client)
+
+    def server_grid(self) -> HttpGrid:
+        """A ServerApp task's Grid (Flower's own, bound to this task's token and run) to message the nodes."""
+        res = self._client.PullTaskInput(PullTaskInputRequest())
+        # Flower stamps every new Message with the process's task identity (flwr-serverapp sets it the same way)
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (res.task_id, res.run.run_id,
+                                                                           res.context.node_id)
+        run = run_from_proto(res.run)
+        grid = HttpGrid(runtime_api_address=self.address, insecure=self.root_certificates is None,
+                        root_certificates=self.root_certificates, token=self.token)
+        grid.set_run(run)
+        return grid
+
+    def reply(self, message: Message, context: Context) -> None:
+        push_message(self._client, message, context)
+
+    def finish(self, status: str, details: str = "", context: Context | None = None) -> None:
+        """Mark the task completed/failed (``SubStatus``); a failure to report it is logged, not raised."""
+        push_task_output(client=self._client, context=context, sub_status=status, details=details)
+
+    @contextmanager
+    def heartbeats(self) -> Iterator[None]:
+        """Keep the task alive while it is handled (the component fails tasks whose heartbeats stop)."""
+        sender = HeartbeatSender(self._heartbeat)
+        sender.start()
+        try:
+            yield
+        finally:
+            sender.stop()
+
+    def _heartbeat(self) -> bool:
+        # Flower's own heartbeat function raises SIGINT in the process when the task is gone; a long-lived
+        # executor only notes it (the reply is then refused and logged by the component).
+        try:
+            res = self._client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        except httpx.TransportError:
+            return False
+        if not res.success and not self.cancelled:
+            logger.warning("task %d of run %d is no longer known to %s (run stopped?)", self.task.task_id,
+                           self.run_id, self.address)
+            self.cancelled = True
+        return True
+
+    def close(self) -> None:
+        self._client.close()
