@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 #: Seconds the SuperNode is kept after the job released the worker, so that its reply to the release reaches the
 #: server (Flower's SuperNode looks for pushed replies every 0.5 s; there is no API to ask whether one has left).
 RELEASE_GRACE_S = 3.0
+#: How long a refused activation is tried again after the worker started: Flower counts a node as online until it
+#: missed two 30 s heartbeats, so a client restarted right after it was killed is let in within about a minute.
+ACTIVATION_WAIT_S = 80.0
+ACTIVATION_RETRY_S = 5.0
 #: Seconds between claims while no task is pending. A claim is one local HTTP request; the SuperNode itself only
 #: asks the server every 3 s when idle, so this adds at most this much to a message's latency.
 POLL_S = 0.05
@@ -61,9 +65,16 @@ def serve(worker: SiteWorker, supernode: SuperNodeProcess, poll_s: float = POLL_
     app = make_client_app(worker.handle)
     logger.info("site %s (dataset %s) takes its tasks from the SuperNode at %s", worker.site, worker.dataset,
                 supernode.runtime_address)
+    started = time.monotonic()
     try:
         while not worker.exit_requested:
             if (code := supernode.exit_code()) is not None:
+                if supernode.activation_refused() and time.monotonic() - started < ACTIVATION_WAIT_S:
+                    # a client restarted right after it was killed: the server still counts the old one as online
+                    logger.warning("site %s: the server did not let this site in (yet); trying again", worker.site)
+                    time.sleep(ACTIVATION_RETRY_S)
+                    supernode.restart()
+                    continue
                 raise SuperNodeExited(f"site {worker.site}: lost the server {supernode.spec.superlink} (SuperNode "
                                       f"exited with code {code}): {supernode.reason()}")
             try:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from fednnunet.launch import die_with_parent, free_port, supernode_command, tail, terminate_all, write_secret
 
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
 #: (text in the SuperNode's log, what it means for a person)
 _REASONS = (
-    ("Failed to activate SuperNode", "the server refused this site: its key is not registered there (or no "
-     "--auth-key was given)"),
+    (ACTIVATION_REFUSED, "the server refused this site: its key is not registered there (or no --auth-key was "
+     "given), or the server still counted this site's previous client as connected"),
     ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not signed by --tls-root"),
     ("SSL", "TLS handshake failed (wrong --tls-root, or the server does not use TLS)"),
     ("Giving up reconnection", "the server cannot be reached (down, wrong address, or it requires TLS)"),
@@ -73,6 +74,17 @@ class SuperNodeProcess:
 
     def exit_code(self) -> int | None:
         return None if self.popen is None else self.popen.poll()
+
+    def activation_refused(self) -> bool:
+        """The server did not let the node in: an unregistered key, or the site's previous SuperNode (a client killed
+        moments ago) still counts as online there; Flower lets the key in again after two missed heartbeats."""
+        return ACTIVATION_REFUSED in tail(self.log, 40)
+
+    def restart(self) -> "SuperNodeProcess":
+        """Start it again (same Runtime API port and secret) after it ended."""
+        with self.log.open("a") as f:
+            f.write("\n--- started again by the site worker ---\n")
+        return self.start()
 
     def reason(self) -> str:
         """Why it exited, for a person (refused key, TLS failure, unreachable server), with its last lines."""
