@@ -173,14 +173,15 @@ def run_federated(root: Path) -> dict:
     return result
 
 
-def run_nnunet(root: Path) -> dict:
+def run_nnunet(dataset: str, configs: list[str], plans: list[str], folds: tuple[int, ...]) -> dict:
+    """nnU-Net's own find_best_configuration (its inference information and postprocessing.json)."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.evaluation.find_best_configuration import (dumb_trainer_config_plans_to_trained_models_dict,
                                                              find_best_configuration)
 
-    models = dumb_trainer_config_plans_to_trained_models_dict(["nnUNetTrainer"], list(CONFIGS), ["nnUNetPlans"])
-    info = find_best_configuration(POOLED, models, allow_ensembling=True, num_processes=1, overwrite=True,
-                                   folds=FOLDS, strict=False)
+    models = dumb_trainer_config_plans_to_trained_models_dict(["nnUNetTrainer"], configs, plans)
+    info = find_best_configuration(dataset, models, allow_ensembling=True, num_processes=1, overwrite=True,
+                                   folds=folds, strict=False)
     source = Path(info["best_model_or_ensemble"]["postprocessing_file"]).parent
     return {"info": info, "postprocessing": load_json(str(source / "postprocessing.json"))}
 
@@ -217,10 +218,43 @@ def main(root: Path, scenario: str) -> None:
     shutil.rmtree(root, ignore_errors=True)
     write_data(root, scenario)
     federated = run_federated(root)
-    nnunet = run_nnunet(root)
+    nnunet = run_nnunet(POOLED, list(CONFIGS), ["nnUNetPlans"], FOLDS)
     compare = {"federated": federated, "nnunet": nnunet, "sites": site_checks(root, federated)}
     (root / "compare.json").write_text(json.dumps(compare, indent=1, default=str))
 
 
+def _close(a: dict, b: dict, where: str) -> None:
+    """Every number of nnU-Net's summary parts within 1e-9 (nnU-Net writes NaN where we write null)."""
+    for key, value in b.items():
+        if isinstance(value, dict):
+            _close(a[key], value, f"{where}.{key}")
+        elif value is None or (isinstance(value, float) and value != value):
+            assert a[key] is None or a[key] != a[key], where
+        else:
+            assert abs(a[key] - value) <= 1e-9, (where, key, a[key], value)
+
+
+def assert_same_decision(fed: dict, nnunet: dict) -> None:
+    """The federation's result (result.json of the server) against nnU-Net's tool on the pooled data."""
+    info, pp = nnunet["info"], nnunet["postprocessing"]
+    best = info["best_model_or_ensemble"]
+    assert list(fed["all_results"]) == list(info["all_results"])
+    for key, value in info["all_results"].items():
+        assert abs(fed["all_results"][key] - value) <= 1e-9, key
+    assert fed["selected_model_or_models"] == best["selected_model_or_models"]
+    assert abs(fed["result_on_crossval_pre_pp"] - best["result_on_crossval_pre_pp"]) <= 1e-9
+    assert abs(fed["result_on_crossval_post_pp"] - best["result_on_crossval_post_pp"]) <= 1e-9
+    _close(fed["pooled_before_postprocessing"], pp["input_folder"], "before")
+    _close(fed["pooled_after_postprocessing"], pp["postprocessed"], "after")
+    applied = [s["applied"] for s in fed["postprocessing"]]
+    assert len(pp["postprocessing_kwargs"]) == sum(applied)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]).resolve(), sys.argv[2])
+    if sys.argv[1] == "--nnunet":  # ROOT DATASET "CONFIGS" "PLANS" "FOLDS": nnU-Net's tool only
+        root = Path(sys.argv[2]).resolve()
+        result = run_nnunet(sys.argv[3], sys.argv[4].split(), sys.argv[5].split(),
+                            tuple(int(f) for f in sys.argv[6].split()))
+        (root / "nnunet.json").write_text(json.dumps(result, indent=1, default=str))
+    else:
+        main(Path(sys.argv[1]).resolve(), sys.argv[2])

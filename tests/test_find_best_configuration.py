@@ -21,6 +21,8 @@ from fednnunet.evaluation.cv_aggregates import (AggregateError, MetricSums, best
                                                 keep_largest_foreground_helps, selected_models)
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from cv_scenario import assert_same_decision  # noqa: E402  (a script beside the tests, run as a subprocess too)
 
 
 def _cases(rng: np.random.Generator, n: int, nan_every: int = 3) -> list[dict]:
@@ -99,32 +101,13 @@ def scenario(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return {"name": request.param, **json.loads((root / "compare.json").read_text())}
 
 
-def _close(a: dict, b: dict, where: str) -> None:
-    """Every number of nnU-Net's summary parts within 1e-9 (nnU-Net writes NaN where we write null)."""
-    for key, value in b.items():
-        if isinstance(value, dict):
-            _close(a[key], value, f"{where}.{key}")
-        elif value is None or (isinstance(value, float) and math.isnan(value)):
-            assert a[key] is None or math.isnan(a[key]), where
-        else:
-            assert abs(a[key] - value) <= 1e-9, (where, key, a[key], value)
-
-
 def test_federated_decision_equals_nnunet_on_pooled_data(scenario: dict) -> None:
     fed, nn = scenario["federated"], scenario["nnunet"]
-    info = nn["info"]
+    info, pp = nn["info"], nn["postprocessing"]
     best = info["best_model_or_ensemble"]
-    # the same candidates in the same order, the same pooled results, the same choice
-    assert list(fed["all_results"]) == list(info["all_results"])
-    for key, value in info["all_results"].items():
-        assert abs(fed["all_results"][key] - value) <= 1e-9
-    assert fed["selected_model_or_models"] == best["selected_model_or_models"]
-    assert abs(fed["result_on_crossval_pre_pp"] - best["result_on_crossval_pre_pp"]) <= 1e-9
-    assert abs(fed["result_on_crossval_post_pp"] - best["result_on_crossval_post_pp"]) <= 1e-9
-    # the same postprocessing, with the pooled figures before and after it
-    pp = nn["postprocessing"]
-    _close(fed["pooled_before_postprocessing"], pp["input_folder"], "before")
-    _close(fed["pooled_after_postprocessing"], pp["postprocessed"], "after")
+    # the same candidates in the same order, the same pooled results, the same choice, the same postprocessing
+    # with the same pooled figures before and after it
+    assert_same_decision(fed, nn)
     if scenario["name"] == "helps":  # an ensemble wins; all-foreground and core postprocessing help the pool
         assert fed["best"].startswith("ensemble___")
         assert [s["applied"] for s in fed["postprocessing"]] == [True, False, True]
@@ -152,3 +135,30 @@ def test_federated_decision_equals_nnunet_on_pooled_data(scenario: dict) -> None
         assert f"nnUNetv2_predict -d {name} " in written["instructions"]
         assert inference["best_model_or_ensemble"]["postprocessing_file"] in written["instructions"]
         assert ("nnUNetv2_ensemble" in written["instructions"]) == fed["best"].startswith("ensemble___")
+
+
+def test_training_summary_per_fold_and_site(capsys: pytest.CaptureFixture[str]) -> None:
+    """A multi-fold run is one run: rounds and time per fold, final validation per site, the pooled table
+    (what `fednnunet run train ... "0 1"` prints from the server's result)."""
+    from fednnunet.cli_cross_validation import print_training
+    from fednnunet.evaluation.cv_report import training_cv
+
+    rng = np.random.default_rng(1)
+
+    def site(n: int) -> dict:
+        sums = MetricSums.of_cases(_cases(rng, n), ["1", "2"])
+        return {"output_folder": "/r", "validation_mean_dice": sums.dice(), "validation_sums": sums.to_json()}
+
+    folds = {"0": {"rounds": 3, "mean_round_seconds": 5.0, "mean_overhead_seconds": 2.0,
+                   "sites": {"a": site(2), "b": site(3)}},
+             "1": {"rounds": 3, "mean_round_seconds": 6.0, "mean_overhead_seconds": 2.5,
+                   "sites": {"a": site(2), "b": site(4)}, "errors": {"c": "no reply"}}}
+    report = training_cv(folds)
+    assert list(report["rows"]) == ["fold 0", "fold 1", "all folds"]
+    assert report["rows"]["all folds"]["pooled"]["num_cases"] == 11
+    assert report["rows"]["all folds"]["sites"]["b"]["num_cases"] == 7
+    summary = print_training({"folds": folds, "cross_validation": report})
+    out = capsys.readouterr().out
+    assert summary == "2 fold(s), 6 round(s)"
+    assert "fold 1: 3 round(s), mean 6.0 s per round" in out and "site c: failed: no reply" in out
+    assert out.count("final validation mean Dice") == 4 and "all folds  11" in out

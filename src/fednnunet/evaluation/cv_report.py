@@ -9,12 +9,15 @@ nobody has to log in at a hospital to read them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
-from fednnunet.evaluation.cv_aggregates import MetricSums
+from fednnunet.evaluation.cv_aggregates import AggregateError, MetricSums
 
-__all__ = ["cv_row", "format_cv_table"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["cv_row", "format_cv_table", "compact_cv", "training_cv"]
 
 
 def cv_row(site_sums: Mapping[str, MetricSums]) -> dict[str, Any]:
@@ -26,6 +29,12 @@ def cv_row(site_sums: Mapping[str, MetricSums]) -> dict[str, Any]:
 def _dice(summary: Mapping[str, Any], cls: str | None = None) -> str:
     value = (summary["foreground_mean"] if cls is None else summary["mean"].get(cls, {})).get("Dice")
     return "-" if value is None else f"{value:.4f}"
+
+
+def compact_cv(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line for a progress log: each row's pooled foreground mean Dice and case count."""
+    return "; ".join(f"{name}: Dice {_dice(row['pooled'])} ({row['pooled']['num_cases']} cases)"
+                     for name, row in rows.items())
 
 
 def format_cv_table(rows: Mapping[str, Mapping[str, Any]], title: str = "") -> str:
@@ -48,3 +57,23 @@ def format_cv_table(rows: Mapping[str, Mapping[str, Any]], title: str = "") -> s
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def training_cv(folds: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The final validations of a federated training, from the sites' ``validation_sums`` (``train_finish``
+    replies): one row per fold and, with several folds, one for their union (the cross-validation)."""
+    per_fold: dict[str, dict[str, MetricSums]] = {}
+    for fold, info in folds.items():
+        for site, reply in info.get("sites", {}).items():
+            if reply.get("validation_sums") is None:
+                continue
+            try:
+                per_fold.setdefault(fold, {})[site] = MetricSums.from_json(reply["validation_sums"], f"site {site}")
+            except AggregateError as err:  # a report must never fail a training
+                logger.warning("fold %s: %s", fold, err)
+    rows = {f"fold {fold}": cv_row(sums) for fold, sums in per_fold.items()}
+    if len(per_fold) > 1:
+        sites = sorted({s for sums in per_fold.values() for s in sums})
+        rows["all folds"] = cv_row({s: MetricSums.pooled({f: sums[s] for f, sums in per_fold.items() if s in sums})
+                                    for s in sites})
+    return {"rows": rows}

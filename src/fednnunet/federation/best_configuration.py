@@ -30,7 +30,7 @@ from typing import Any
 from fednnunet.evaluation.cv_aggregates import (AggregateError, MetricSums, best_candidate,
                                                 keep_largest_class_helps, keep_largest_foreground_helps,
                                                 selected_models)
-from fednnunet.evaluation.cv_report import cv_row, format_cv_table
+from fednnunet.evaluation.cv_report import compact_cv, cv_row
 from fednnunet.federation.events import EventLog
 from fednnunet.federation.job import JobSpec
 from fednnunet.planning.site_planning import write_json_atomic
@@ -139,7 +139,7 @@ def run_best_configuration_task(job: JobSpec, caller: Any, events: EventLog) -> 
     pooled = {key: MetricSums.pooled({s: ev.candidates[key] for s, ev in evaluations.items()}) for key in order}
     all_results = {key: pooled[key].dice() for key in order}
     table = {key: cv_row({s: ev.candidates[key] for s, ev in evaluations.items()}) for key in order}
-    events.info("cross-validation (pooled foreground mean Dice and per site):\n" + format_cv_table(table, "model"))
+    events.info("cross-validation, pooled over the sites: " + compact_cv(table))
     best = best_candidate(list(all_results.items()))
     events.info(f"best: {best} (pooled foreground mean Dice {all_results[best]:.4f}); determining postprocessing")
 
