@@ -84,7 +84,7 @@ def print_training(result: dict[str, Any]) -> str:
         rounds += int(info.get("rounds", 0))
         timing = (f", mean {info['mean_round_seconds']:.1f} s per round (overhead {info['mean_overhead_seconds']:.1f} s)"
                   if "mean_round_seconds" in info else "")
-        print(f"fold {fold}: {info.get('rounds', 0)} round(s){timing}")
+        print(f"fold {fold}: " + (f"{info['rounds']} round(s){timing}" if "rounds" in info else "validated (--val)"))
         for site, s in sorted(info.get("sites", {}).items()):
             dice = s.get("validation_mean_dice")
             print(f"  site {site}: model in {s.get('output_folder')}"

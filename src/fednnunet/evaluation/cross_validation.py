@@ -30,7 +30,6 @@ over a ``spawn`` pool of that size, as nnU-Net does. Per-case values stay here u
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fednnunet.evaluation.cv_aggregates import MetricSums, json_number, selected_models
+from fednnunet.planning.site_planning import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ class SiteCrossValidation:
         instructions = results / "inference_instructions.txt"
         print_inference_instructions(info, instructions_file=str(instructions))
         federated = results / FEDERATED_DECISION_FILE
-        federated.write_text(json.dumps({"site": self.site, **decision}, indent=2) + "\n")
+        write_json_atomic(federated, {"site": self.site, **decision})
         return {"dataset_name": self.dataset_name, "inference_information": str(results / "inference_information.json"),
                 "instructions_file": str(instructions), "instructions": instructions.read_text(),
                 "postprocessing_file": str(pkl), "federated_decision": str(federated)}

@@ -34,6 +34,10 @@ class AggregateError(ValueError):
     """Aggregates that are malformed or do not fit together (the message names the site when known)."""
 
 
+#: what nnU-Net's ``compute_metrics`` reports per class, in its order (used when a site has no case to read it from)
+NNUNET_METRICS = ("Dice", "IoU", "FP", "TP", "FN", "TN", "n_pred", "n_ref")
+
+
 def json_number(value: float) -> float | None:
     """JSON has no NaN: a mean over no case is written as null."""
     return None if value is None or not math.isfinite(value) else float(value)
@@ -64,7 +68,7 @@ class MetricSums:
         with string keys)."""
         classes = tuple(str(c) for c in classes)
         if metrics is None:
-            metrics = tuple(next(iter(cases[0].values()))) if cases and cases[0] else ("Dice",)
+            metrics = tuple(next(iter(cases[0].values()))) if cases and cases[0] else NNUNET_METRICS
         metrics = tuple(metrics)
         sums, counts = [], []
         for c in classes:
@@ -81,10 +85,7 @@ class MetricSums:
     def of_summary(cls, summary: Mapping[str, Any]) -> "MetricSums":
         """From an nnU-Net ``summary.json`` as plain JSON (class keys are strings there)."""
         cases = [c["metrics"] for c in summary.get("metric_per_case", [])]
-        classes = list(summary.get("mean", {}))
-        if not cases:
-            return cls(0, tuple(classes), ("Dice",), tuple((0.0,) for _ in classes), tuple((0,) for _ in classes))
-        return cls.of_cases(cases, classes)
+        return cls.of_cases(cases, list(summary.get("mean", {})))
 
     @classmethod
     def pooled(cls, parts: Mapping[str, "MetricSums"]) -> "MetricSums":

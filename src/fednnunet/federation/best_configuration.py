@@ -132,9 +132,11 @@ def run_best_configuration_task(job: JobSpec, caller: Any, events: EventLog) -> 
     if len(replies) < job.num_sites:
         raise RuntimeError(f"only {len(replies)} of {job.num_sites} sites answered")
     evaluations = {site: _parse_evaluation(site, result) for site, (result, _) in sorted(replies.items())}
-    events.info(f"{len(evaluations)} site(s) scored their cross-validation: " + ", ".join(
-        f"{s} ({ev.dataset_name})" for s, ev in evaluations.items()))
     _check_agree(evaluations)
+    models = next(iter(evaluations.values())).models
+    events.info(f"{len(evaluations)} site(s) scored their cross-validation (" + ", ".join(
+        f"{s}: {ev.dataset_name}" for s, ev in evaluations.items()) + "); trained models: " + ", ".join(
+        f"{m['trainer']}__{m['plans']}__{m['configuration']}" for m in models))
     order = list(next(iter(evaluations.values())).candidates)
     pooled = {key: MetricSums.pooled({s: ev.candidates[key] for s, ev in evaluations.items()}) for key in order}
     all_results = {key: pooled[key].dice() for key in order}
@@ -178,7 +180,7 @@ def run_best_configuration_task(job: JobSpec, caller: Any, events: EventLog) -> 
                                                                         "replied_at")}
                   for site, (result, _) in sorted(finished.items())}
 
-    cv = {"folds": opts.folds, "models": next(iter(evaluations.values())).models, "rows": table}
+    cv = {"folds": opts.folds, "models": models, "rows": table}
     per_case = {s: ev.per_case for s, ev in evaluations.items() if ev.per_case is not None}
     if per_case:
         cv["per_case"] = per_case
