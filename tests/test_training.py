@@ -141,15 +141,18 @@ def test_ffe_training_end_to_end(federation: Path) -> None:
         np.testing.assert_array_equal(glob[key].numpy(), arr)
 
 
-def test_find_best_configuration_then_its_commands_predict_at_a_site(federation: Path, tmp_path: Path) -> None:
+def test_find_best_configuration_then_its_commands_predict_at_a_site(federation: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`fednnunet run find_best_configuration` on the trained fold (sites opt in to per-case values), then the
     nnUNetv2_predict and nnUNetv2_apply_postprocessing commands it printed for site 901 run there as printed
     (placeholders filled in, CPU flags added): the federated model is an ordinary nnU-Net model."""
     if not (_site_folder(federation, "901") / "fold_0" / "checkpoint_final.pth").is_file():
         pytest.skip("needs the FFE training test")
+    # nnU-Net's default worker count at the sites (it prints it into the postprocessing command): one, not eight
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
     out = federation / "best"
-    assert _run_cli(["run", "find_best_configuration", "901 902", "-c", "2d", "-f", "0", "-np", "1",
-                     "--share-per-case", "--out", str(out)]) == 0
+    assert _run_cli(["run", "find_best_configuration", "901 902", "-c", "2d", "-f", "0", "--share-per-case",
+                     "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["ok"] and result["best"] == "nnUNetTrainer__nnUNetPlans__2d"
     assert result["round_trips"] == 5  # evaluate, three postprocessing steps (all foreground, ring, core), finish
@@ -169,6 +172,7 @@ def test_find_best_configuration_then_its_commands_predict_at_a_site(federation:
     shutil.copy(first, inp / first.name)
     commands = [line.split() for line in instructions.splitlines() if line.startswith("nnUNetv2_")]
     assert [c[0] for c in commands] == ["nnUNetv2_predict", "nnUNetv2_apply_postprocessing"]
+    assert commands[1][commands[1].index("-np") + 1] == "1"
     places = {"INPUT_FOLDER": str(inp), "OUTPUT_FOLDER": str(tmp_path / "pred"),
               "OUTPUT_FOLDER_PP": str(tmp_path / "pp")}
     extra = {"nnUNetv2_predict": ["-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]}
