@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-long bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The rest of nnU-Net end to end (find_best_configuration against nnU-Net on pooled outputs, ResEnc presets,
+# cascade): too slow for `make test`.
+test-long: install
+	$(BIN)/python -m pytest -q --durations=0 tests_long
 
 # Benchmarks (not part of the tests): they print numbers and write JSON into benchmarks_out/.
 # With the real retina sites beside the clone (../shared), planning is also timed on them (DRIVE alone, all four).

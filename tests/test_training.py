@@ -1,7 +1,7 @@
 """Federated training: pure pieces (options, server state) and end-to-end runs with real Flower processes.
 
 The end-to-end tests share one planned 2-site synthetic 2D federation (module fixture): FFE planning, a 2-round
-FedAvg run, nnUNetv2_predict on a site's folder, then AsymFedAvg planning and a 2-round asym run.
+FedAvg run, find_best_configuration and the nnUNetv2_predict it prints run at a site, then AsymFedAvg planning and a 2-round asym run.
 """
 
 from __future__ import annotations
@@ -126,6 +126,10 @@ def test_ffe_training_end_to_end(federation: Path) -> None:
     for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
         assert (out / "global" / "nnUNetTrainer__nnUNetPlans__2d" / name).is_file()
     assert (_site_folder(federation, "901") / "fold_0" / "validation" / "summary.json").is_file()
+    # every site's final validation and the pooled one, at the coordinator
+    rows = json.loads((out / "cross_validation.json").read_text())["rows"]
+    assert list(rows) == ["fold 0"] and set(rows["fold 0"]["sites"]) == {"901", "902"}
+    assert rows["fold 0"]["pooled"]["num_cases"] == sum(s["num_cases"] for s in rows["fold 0"]["sites"].values())
 
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2]
@@ -137,20 +141,47 @@ def test_ffe_training_end_to_end(federation: Path) -> None:
         np.testing.assert_array_equal(glob[key].numpy(), arr)
 
 
-def test_predict_on_site_folder(federation: Path, tmp_path: Path) -> None:
+def test_find_best_configuration_then_its_commands_predict_at_a_site(federation: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fednnunet run find_best_configuration` on the trained fold (sites opt in to per-case values), then the
+    nnUNetv2_predict and nnUNetv2_apply_postprocessing commands it printed for site 901 run there as printed
+    (placeholders filled in, CPU flags added): the federated model is an ordinary nnU-Net model."""
     if not (_site_folder(federation, "901") / "fold_0" / "checkpoint_final.pth").is_file():
         pytest.skip("needs the FFE training test")
+    # nnU-Net's default worker count at the sites (it prints it into the postprocessing command): one, not eight
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    out = federation / "best"
+    assert _run_cli(["run", "find_best_configuration", "901 902", "-c", "2d", "-f", "0", "--share-per-case",
+                     "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["ok"] and result["best"] == "nnUNetTrainer__nnUNetPlans__2d"
+    assert result["round_trips"] == 5  # evaluate, three postprocessing steps (all foreground, ring, core), finish
+    cv = json.loads((out / "cross_validation.json").read_text())
+    row = cv["rows"]["nnUNetTrainer__nnUNetPlans__2d"]
+    assert set(row["sites"]) == {"901", "902"}
+    assert row["pooled"]["num_cases"] == sum(s["num_cases"] for s in row["sites"].values()) > 0
+    assert {s: len(c["nnUNetTrainer__nnUNetPlans__2d"]) for s, c in cv["per_case"].items()} == \
+        {s: v["num_cases"] for s, v in row["sites"].items()}
+    assert (out / "best_configuration.json").is_file()
+
+    instructions = result["sites"]["901"]["instructions"]
     images = next((federation / "nnUNet_raw").glob("Dataset901_*")) / "imagesTr"
     inp = tmp_path / "in"
     inp.mkdir()
     first = sorted(images.iterdir())[0]
     shutil.copy(first, inp / first.name)
-    predict = Path(sys.executable).parent / "nnUNetv2_predict"
-    proc = subprocess.run([str(predict), "-i", str(inp), "-o", str(tmp_path / "pred"), "-d", "901", "-c", "2d",
-                           "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    commands = [line.split() for line in instructions.splitlines() if line.startswith("nnUNetv2_")]
+    assert [c[0] for c in commands] == ["nnUNetv2_predict", "nnUNetv2_apply_postprocessing"]
+    assert commands[1][commands[1].index("-np") + 1] == "1"
+    places = {"INPUT_FOLDER": str(inp), "OUTPUT_FOLDER": str(tmp_path / "pred"),
+              "OUTPUT_FOLDER_PP": str(tmp_path / "pp")}
+    extra = {"nnUNetv2_predict": ["-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]}
+    for command in commands:
+        argv = [str(Path(sys.executable).parent / command[0])] + [places.get(a, a) for a in command[1:]]
+        proc = subprocess.run(argv + extra.get(command[0], []), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, " ".join(argv) + proc.stdout[-2000:] + proc.stderr[-2000:]
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
+    assert len(list((tmp_path / "pp").glob("*.nii.gz"))) == 1
 
 
 def test_resume_continues_at_the_next_round(federation: Path) -> None:

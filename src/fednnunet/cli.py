@@ -36,7 +36,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from fednnunet.data.synthetic import write_demo_federation
 
     folders = write_demo_federation(Path(args.out), first_id=args.first_id, sites=args.sites, dim=args.dim,
-                                    seed=args.seed, ct=args.ct)
+                                    seed=args.seed, ct=args.ct, scale=args.scale)
     for f in folders:
         print(f"wrote {f}")
     return 0
@@ -58,15 +58,20 @@ def _job_from_args(args: argparse.Namespace, sites: list[str], out_dir: Path, nu
             raise SystemExit(f"error: -gpu_memory_target needs 1 value or one per site ({len(sites)}), "
                              f"got {len(targets)}")
     train: dict = {}
+    best: dict = {}
     configurations = list(getattr(args, "c", None) or [])
     if args.task == "train":
         train = _train_options(args).asdict()
         configurations = [args.configuration]
+    elif args.task == "find_best_configuration":
+        from fednnunet.cli_cross_validation import options_from_args
+
+        best, configurations = options_from_args(args), []
     return JobSpec(task=args.task, num_sites=num_sites or len(sites), out_dir=str(out_dir),
                    asym=getattr(args, "asym", False), configurations=configurations,
                    planner=getattr(args, "pl", "ExperimentPlanner"), gpu_memory_target_gb=gpu,
-                   num_processes=getattr(args, "np", 1), check_cases=not getattr(args, "no_check", False),
-                   train=train)
+                   num_processes=getattr(args, "np", None) or 1, check_cases=not getattr(args, "no_check", False),
+                   train=train, best_configuration=best)
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -75,20 +80,17 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def _print_result(task: str, result: dict, started: float, out_dir: Path) -> None:
-    for site, info in result.get("sites", {}).items():
-        if task == "train":
-            print(f"site {site}: model in {info.get('output_folder')}")
-            continue
-        files = ", ".join(f"{k}={v}" for k, v in info.items() if k.endswith("_file"))
-        print(f"site {site} ({info.get('dataset_name')}): {files}")
-    if result.get("global_model"):
-        print(f"global model (FFE): {result['global_model']}")
+    from fednnunet.cli_cross_validation import print_best_configuration, print_training
+
+    timing = f"{result.get('round_trips', '?')} round trips"
     if task == "train":
-        timing = (f"{result.get('rounds', 0)} round(s), mean {result['mean_round_seconds']:.1f} s per round, "
-                  f"overhead {result['mean_overhead_seconds']:.1f} s" if "mean_round_seconds" in result
-                  else "no training rounds")
+        timing = print_training(result)
+    elif task == "find_best_configuration":
+        print_best_configuration(result)
     else:
-        timing = f"{result.get('round_trips', '?')} round trips"
+        for site, info in result.get("sites", {}).items():
+            files = ", ".join(f"{k}={v}" for k, v in info.items() if k.endswith("_file"))
+            print(f"site {site} ({info.get('dataset_name')}): {files}")
     print(f"done in {time.time() - started:.1f} s ({timing}); summary in {out_dir / 'result.json'}")
 
 
@@ -150,7 +152,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = _job_from_args(args, sites, out_dir)
     started = time.time()
     print(f"federation of {len(sites)} site(s): {', '.join(sites)}; task {args.task}; output {out_dir}", flush=True)
-    site_env = {"nnUNet_n_proc_DA": str(args.da_workers)} if args.da_workers is not None else {}
+    site_env = {"nnUNet_n_proc_DA": str(args.da_workers)} if getattr(args, "da_workers", None) is not None else {}
+    if getattr(args, "share_per_case", False):
+        from fednnunet.evaluation.cross_validation import SHARE_PER_CASE_ENV
+
+        site_env[SHARE_PER_CASE_ENV] = "1"
     if args.task == "train" and "OMP_NUM_THREADS" not in os.environ:
         # All sites share this machine: torch's default (one thread per core in every site) oversubscribes the
         # cores; on 2 shared CPU cores a tiny 2D epoch took ~25 s instead of ~2.5 s.
@@ -213,6 +219,10 @@ def cmd_client(args: argparse.Namespace) -> int:
     if args.da_workers is not None:
         os.environ["nnUNet_n_proc_DA"] = str(args.da_workers)  # read by nnU-Net's trainer, imported later
     name = args.site_name or args.dataset
+    if getattr(args, "share_per_case", False):
+        from fednnunet.evaluation.cross_validation import SHARE_PER_CASE_ENV
+
+        os.environ[SHARE_PER_CASE_ENV] = "1"  # read by this site's cross-validation operations
     logs = Path(os.environ["nnUNet_results"]) / "FednnUNet" / f"client-{name}-{args.task}" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     worker = SiteWorker(name, args.dataset, exit_after_job=True, task=args.task,
@@ -301,13 +311,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "run", "train", " ".join(ids), "2d", "0", "--rounds", str(args.rounds), "--iterations-per-round",
         str(args.iterations), "--val-iterations", "2", "--da-workers", "0", "--out", str(workdir / "runs" / "train")])
     code = cmd_run(train)
-    if code == 0:
-        print("federated models (ordinary nnU-Net results folders; try nnUNetv2_predict -d <id> -c 2d -f 0):")
-        for i in ids:
-            for d in sorted(Path(os.environ["nnUNet_results"]).glob(f"Dataset{i}_*/nnUNetTrainer__nnUNetPlans__2d")):
-                print(f"  {d}")
-        print(f"metrics and progress plot: {workdir / 'runs' / 'train'}")
-    return code
+    if code:
+        return code
+    print("federated models (ordinary nnU-Net results folders):")
+    for i in ids:
+        for d in sorted(Path(os.environ["nnUNet_results"]).glob(f"Dataset{i}_*/nnUNetTrainer__nnUNetPlans__2d")):
+            print(f"  {d}")
+    print(f"metrics and progress plot: {workdir / 'runs' / 'train'}")
+    best = build_parser().parse_args(["run", "find_best_configuration", " ".join(ids), "-c", "2d", "-f", "0",
+                                      "-np", "1", "--out", str(workdir / "runs" / "find_best_configuration")])
+    return cmd_run(best)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, choices=(2, 3), default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ct", action="store_true", help="CT-like channel (CT normalization from fingerprint percentiles)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="image size factor (e.g. 2.5 with --dim 3 and a small -gpu_memory_target: nnU-Net plans a "
+                        "3d_lowres/3d_cascade_fullres cascade)")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("demo", help="the built-in demo federation, end to end, in a work folder")
@@ -332,10 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=10, help="training iterations per round")
     p.set_defaults(func=cmd_demo)
 
+    from fednnunet import cli_cross_validation
+
     for task, t in _task_parsers(sub, "run", cmd_run,
                                  "one-machine federation: a SuperLink and one SuperNode + site worker per dataset"):
         t.add_argument("datasets", help='dataset ids, one per site, e.g. "901 902 903"')
         _add_task_options(t, task)
+        if task == "find_best_configuration":
+            cli_cross_validation.add_site_options(t)
 
     for task, t in _task_parsers(sub, "server", cmd_server,
                                  "the coordinating server of a multi-machine federation (SuperLink + job)"):
@@ -352,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
         if task == "train":
             t.add_argument("configuration", help="must match the server's")
             t.add_argument("fold", nargs="+", help="must match the server's")
+        if task == "find_best_configuration":
+            cli_cross_validation.add_site_options(t)
         t.add_argument("--server", required=True, help="HOST:PORT of the server")
         security = t.add_mutually_exclusive_group()
         security.add_argument("--tls-root", help="the federation's CA certificate (ca.crt)")
@@ -379,6 +401,7 @@ TASK_HELP = {
     "extract_fingerprint": "federated fingerprint extraction (FFE) at every site",
     "plan_and_preprocess": "fingerprint, plan and preprocess at every site",
     "train": "federated nnU-Net training (FedAvg on FFE plans, or --asym AsymFedAvg)",
+    "find_best_configuration": "nnUNetv2_find_best_configuration on the pooled cross-validation of all sites",
 }
 
 
@@ -397,6 +420,11 @@ def _add_task_options(t: argparse.ArgumentParser, task: str) -> None:
     t.add_argument("--out", help=f"server output folder (default: $nnUNet_results/FednnUNet/{task}-<time>)")
     if task == "train":
         _add_train_options(t)
+        return
+    if task == "find_best_configuration":
+        from fednnunet.cli_cross_validation import add_options
+
+        add_options(t)
         return
     t.add_argument("-np", type=int, default=1, help="processes per site for fingerprint/preprocessing")
     t.add_argument("--no-check", action="store_true", help="skip the per-case dataset check")

@@ -86,9 +86,11 @@ def _site_name(index: int) -> str:
             return "Site" + letters
 
 
-def _profile(index: int, dim: int) -> _SiteProfile:
-    """Site profile: the archetype ``index % 3``, varied for each further cycle so no two sites are equal."""
+def _profile(index: int, dim: int, scale: float = 1.0) -> _SiteProfile:
+    """Site profile: the archetype ``index % 3``, varied for each further cycle so no two sites are equal;
+    ``scale`` multiplies the image size (same spacing: a larger field of view around objects of the same size)."""
     base = dict((_BASE_2D if dim == 2 else _BASE_3D)[index % 3])
+    base["shape"] = tuple(max(8, round(n * scale)) for n in base["shape"])
     cycle = index // 3
     if cycle:
         # Later cycles: slightly different resolution, calibration and cohort size.
@@ -200,12 +202,13 @@ def _write_dataset(folder: Path, profile: _SiteProfile, site_index: int, seed: i
 
 
 def write_demo_federation(out_dir: Path, first_id: int = 901, sites: int = 3, dim: int = 2, seed: int = 0,
-                          ct: bool = False) -> list[Path]:
+                          ct: bool = False, scale: float = 1.0) -> list[Path]:
     """Writes one nnU-Net raw dataset per site: out_dir/DatasetNNN_<name>/{imagesTr,labelsTr,dataset.json}; returns the dataset folders.
 
     Sites get ids ``first_id, first_id + 1, ...`` and names ``SiteA, SiteB, ...``. ``dim`` is 2 or 3;
     ``ct=True`` names the channel ``"CT"`` so nnU-Net normalizes with the (federated) fingerprint's
-    percentiles instead of per-image z-scoring. All datasets are first built in hidden temporary folders
+    percentiles instead of per-image z-scoring. ``scale`` > 1 makes larger images (for example 3D sites for which
+    nnU-Net plans the ``3d_lowres`` -> ``3d_cascade_fullres`` cascade). All datasets are first built in hidden temporary folders
     inside ``out_dir`` and renamed into place only when every site is complete, so a crash never leaves a
     half-written dataset that nnU-Net would pick up.
 
@@ -217,7 +220,9 @@ def write_demo_federation(out_dir: Path, first_id: int = 901, sites: int = 3, di
         raise ValueError(f"dim must be 2 or 3, got {dim!r}")
     if sites < 1:
         raise ValueError(f"sites must be >= 1, got {sites!r}")
-    profiles = [_profile(i, dim) for i in range(sites)]
+    if not 0.25 <= scale <= 8:
+        raise ValueError(f"scale must be between 0.25 and 8, got {scale!r}")
+    profiles = [_profile(i, dim, scale) for i in range(sites)]
 
     def write(i: int, folder: Path) -> None:
         profile = profiles[i]

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-TASKS = ("extract_fingerprint", "plan_and_preprocess", "train")
+TASKS = ("extract_fingerprint", "plan_and_preprocess", "train", "find_best_configuration")
 
 
 @dataclass
@@ -27,6 +27,8 @@ class JobSpec:
     check_cases: bool = True
     connect_timeout_s: float = 300.0
     train: dict[str, Any] = field(default_factory=dict)
+    #: find_best_configuration's options (``federation.best_configuration.BestConfigurationOptions``)
+    best_configuration: dict[str, Any] = field(default_factory=dict)
     #: end with ``job_done`` to every site, so that sites started for one job (``fednnunet client TASK``) exit;
     #: a one-machine federation stops its own sites and skips this round trip (``LocalFederation.run``)
     release_sites: bool = True

@@ -39,6 +39,10 @@ def run_job(job: JobSpec, caller: SiteCaller, events: EventLog) -> dict[str, Any
     try:
         if job.task in ("extract_fingerprint", "plan_and_preprocess"):
             result = run_fingerprint_task(job, caller, events)
+        elif job.task == "find_best_configuration":
+            from fednnunet.federation.best_configuration import run_best_configuration_task
+
+            result = run_best_configuration_task(job, caller, events)
         else:
             from fednnunet.federation.training import run_training_task
 

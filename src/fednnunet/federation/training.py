@@ -562,6 +562,18 @@ def _validate_only(options: TrainOptions, fold: str, caller: Any, events: EventL
     return {"sites": {s: res for s, (res, _) in replies.items()}}
 
 
+def _cross_validation(folds: Mapping[str, Any], root: Path, events: EventLog) -> dict[str, Any]:
+    """Every site's final validation summary and the pooled one, per fold and over the folds:
+    ``cross_validation.json`` in the job's out dir and a table in the events."""
+    from fednnunet.evaluation.cv_report import compact_cv, training_cv
+
+    report = training_cv(folds)
+    if report["rows"]:
+        write_json_atomic(root / "cross_validation.json", report)
+        events.info("final validation, pooled over the sites: " + compact_cv(report["rows"]))
+    return report
+
+
 def run_training_task(job: JobSpec, caller: Any, events: EventLog) -> dict[str, Any]:
     """Run ``job`` (task ``train``) fold after fold; return per-fold, per-site output folders and timings."""
     options = TrainOptions.from_dict(job.train)
@@ -583,6 +595,7 @@ def run_training_task(job: JobSpec, caller: Any, events: EventLog) -> dict[str, 
         folds[fold] = _FoldRun(job, options, fold, caller, events, out, root).run(sites)
     result: dict[str, Any] = {"folds": folds, "traffic": {"sent": caller.traffic.sent,
                                                           "received": caller.traffic.received}}
+    result["cross_validation"] = _cross_validation(folds, root, events)
     if len(folds) == 1:
         result.update(next(iter(folds.values())))
     return result

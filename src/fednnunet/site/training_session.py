@@ -204,17 +204,28 @@ class TrainingSession:
         if arrays:
             validate_update(arrays, self.spec)
         folder = self.trainer.finish(arrays or None, validate=validate, best=bool(config.get("val_best")))
-        summary = folder / "validation" / "summary.json"
         result: dict[str, Any] = {"output_folder": str(folder),
                                   "checkpoint": str(folder / "checkpoint_final.pth")}
-        if validate and summary.is_file():  # without validation an old summary would describe another model
-            data = json.loads(summary.read_text())
-            result["validation_summary"] = str(summary)
-            result["validation_mean_dice"] = _clean((data.get("foreground_mean") or {}).get("Dice", float("nan")))
+        if validate:  # without validation an old summary would describe another model
+            result.update(_validation_result(folder))
         return result
 
     def close(self) -> None:
         self.trainer.close()
+
+
+def _validation_result(folder: Path) -> dict[str, Any]:
+    """The final validation's ``summary.json``: its path, the foreground mean Dice, and the sums and counts the
+    coordinator pools into the cross-validation table (no per-case value leaves the site)."""
+    from fednnunet.evaluation.cv_aggregates import MetricSums
+
+    summary = folder / "validation" / "summary.json"
+    if not summary.is_file():
+        return {}
+    data = json.loads(summary.read_text())
+    return {"validation_summary": str(summary),
+            "validation_mean_dice": _clean((data.get("foreground_mean") or {}).get("Dice", float("nan"))),
+            "validation_sums": MetricSums.of_summary(data).to_json()}
 
 
 def validate_only(dataset: str, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -243,4 +254,4 @@ def validate_only(dataset: str, config: Mapping[str, Any]) -> dict[str, Any]:
     if config.get("val_best"):
         trainer.load_checkpoint(join(trainer.output_folder, "checkpoint_best.pth"))
     trainer.perform_actual_validation(bool(config.get("npz")))
-    return {"output_folder": str(trainer.output_folder)}
+    return {"output_folder": str(trainer.output_folder), **_validation_result(Path(trainer.output_folder))}

@@ -55,6 +55,7 @@ class SiteWorker:
         self.samples = None  # LocalSamples of the running fingerprint extraction
         self.sampled_ahead = None  # CaseAnalysis run after the describe reply, for the next request
         self.training = None  # TrainingSession of the running federated training
+        self.cross_validation = None  # SiteCrossValidation of a running find_best_configuration
         self._after_reply: tuple[Callable[[], None], bool] | None = None  # (work, a SIGTERM waits for it)
         self.after_reply_error: str | None = None  # reported with the next request
         self.deferring_stop = False  # True while after-reply work runs that a SIGTERM must not tear
@@ -118,9 +119,7 @@ class SiteWorker:
         from fednnunet.fingerprint.integrity import check_site_cases, describe_site
         from fednnunet.fingerprint.site_samples import CaseAnalysis
 
-        if self.task and config.get("task") and config["task"] != self.task:
-            raise SiteError(f"site {self.site} was started for task {self.task!r} but the server runs "
-                            f"{config['task']!r}")
+        self._check_task(config)
         desc = describe_site(self.site, self.dataset)
         self.dataset_name = desc["dataset_name"]
         problems = check_site_cases(self.site, self.dataset_name) if config.get("check_cases", True) else []
@@ -131,6 +130,12 @@ class SiteWorker:
             self.after_reply(lambda: self._sample_ahead(int(desc["num_cases"]), int(ahead.get("num_processes", 1))),
                              stop_waits=False)
         return desc, {}
+
+    def _check_task(self, config: dict[str, Any]) -> None:
+        """A site started for one task (``fednnunet client TASK``) refuses a job of another."""
+        if self.task and config.get("task") and config["task"] != self.task:
+            raise SiteError(f"site {self.site} was started for task {self.task!r} but the server runs "
+                            f"{config['task']!r}")
 
     def _sample_ahead(self, num_cases: int, num_processes: int) -> None:
         """Analyse the cases with this site's own case count, an upper bound of the pooled count's samples per case
@@ -232,6 +237,29 @@ class SiteWorker:
         from fednnunet.site.training_session import validate_only
 
         return validate_only(self.dataset, config), {}
+
+    # --- find_best_configuration (state in fednnunet.evaluation.cross_validation) ---------------------------
+    def op_cv_evaluate(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        """Score this site's cross-validation predictions of every model and ensemble; reply only sums."""
+        from fednnunet.evaluation.cross_validation import SiteCrossValidation
+
+        self._check_task(config)
+        self.cross_validation = SiteCrossValidation(self.site, self.dataset, config)
+        return self.cross_validation.evaluate(), {}
+
+    def op_cv_postprocess(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        return self._cross_validation().postprocess(config), {}
+
+    def op_cv_finish(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        """Write nnU-Net's find_best_configuration files from the server's decision."""
+        session, self.cross_validation = self._cross_validation(), None
+        return session.finish(config), {}
+
+    def _cross_validation(self) -> Any:
+        if self.cross_validation is None:
+            raise SiteError(f"site {self.site}: no find_best_configuration in progress (cv_evaluate was not called, "
+                            "or the site worker restarted since)")
+        return self.cross_validation
 
     def _session(self) -> "TrainingSession":
         if self.training is None:
