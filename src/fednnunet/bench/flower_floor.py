@@ -49,7 +49,7 @@ def main(grid: Grid, context: Context) -> None:
     config = context.run_config
     out = Path(str(config["out-dir"]))
     try:
-        caller = FlowerSiteCaller(grid)
+        caller = FlowerSiteCaller(grid, holds=False)  # bare Flower: the stock ClientApp answers every message
         caller.wait_for_nodes(int(config["sites"]), 120)
         payload = np.zeros(int(config["payload-bytes"]), np.uint8)
         times = []

@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import Message
 
 from fednnunet.array_layout import LayoutError
+from fednnunet.flower.hold import Holds
 from fednnunet.flower.messages import PackedArrays, from_record, record_nbytes, to_record
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,11 @@ class FlowerSiteCaller:
     """Send operations to the sites connected to a Flower SuperLink and gather their replies."""
 
     def __init__(self, grid: Any, *, timeout_s: float = 3600.0, poll_s: float = 0.1,
-                 message_type: str = "query") -> None:
+                 message_type: str = "query", holds: bool = True) -> None:
+        """``holds``: queue a hold behind every message (see :mod:`fednnunet.flower.hold`); only for sites that
+        answer holds, i.e. fednnunet site workers."""
         self.grid = grid
+        self.holds = Holds() if holds else None
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.message_type = message_type
@@ -126,21 +130,31 @@ class FlowerSiteCaller:
             record = to_record({"op": op, "config": config}, packed.get(id(arrays)))
             sent_bytes[node] = record_nbytes(record)
             messages.append(Message(record, dst_node_id=node, message_type=self.message_type))
+        if self.holds is not None:
+            messages += self.holds.messages(payloads)
         ids = list(self.grid.push_messages(messages))
         pushed_at = time.time()
         pending = dict(zip(ids, payloads))
+        if self.holds is not None:
+            self.holds.pushed(payloads, pushed_at)
+            self.holds.outstanding += ids[len(payloads):]
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         quiet_until = time.monotonic() + 0.8 * (expected_s or 0.0)
         replies: dict[str, Reply] = {}
         errors: dict[str, str] = {}
         while pending and time.monotonic() < deadline:
-            batch = list(self.grid.pull_messages(list(pending)))
+            holds = self.holds.outstanding if self.holds is not None else []
+            batch = list(self.grid.pull_messages(list(pending) + holds))
             batch.reverse()
             while batch:  # popped one by one so that each reply can be freed once used
                 msg = batch.pop()
                 node = pending.pop(msg.metadata.reply_to_message_id, None)
-                if node is None:
+                if node is None:  # the answer to a hold (or a reply no longer waited for): discarded
+                    if msg.metadata.reply_to_message_id in holds:
+                        holds.remove(msg.metadata.reply_to_message_id)
                     continue
+                if self.holds is not None:
+                    self.holds.replied(node, time.time())
                 name = site_of.get(node, f"node {node}")
                 if msg.has_error():
                     errors[name] = f"Flower error {msg.error.code}: {msg.error.reason}"

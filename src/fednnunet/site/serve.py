@@ -17,14 +17,18 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 
+from fednnunet.array_layout import LayoutError
 from fednnunet.flower.app_bundle import refusal
 from fednnunet.flower.client_app import make_client_app
+from fednnunet.flower.hold import HOLD_MESSAGE_TYPE, hold_remaining
+from fednnunet.flower.messages import from_record, to_record
 from fednnunet.flower.runtime_tasks import ClaimedTask, RuntimeTasks, SubStatus, TaskType
 from fednnunet.site.supernode import SuperNodeProcess, SuperNodeSpec
 from fednnunet.site.worker import SiteWorker
@@ -94,22 +98,39 @@ def serve(worker: SiteWorker, supernode: SuperNodeProcess, poll_s: float = POLL_
         tasks.close()
 
 
+def _hold_s(message: Message, claimed: ClaimedTask) -> float:
+    """How much longer to hold a hold (see :mod:`fednnunet.flower.hold`): from when it reached the SuperNode."""
+    try:
+        body, _ = from_record(message.content)
+        arrived = datetime.fromisoformat(claimed.task.pending_at).timestamp()
+        return hold_remaining(float(body.get("hold_s", 0.0)), arrived)
+    except (LayoutError, ValueError, TypeError):
+        return 0.0
+
+
 def _answer(claimed: ClaimedTask, app, site: str) -> None:  # noqa: ANN001 - a flwr ClientApp
     """Answer one task: refuse a foreign app, else let the installed ClientApp answer. A reply that cannot be
     pushed leaves the task unfinished, so that the SuperNode answers the server with an error once its token
     expires (a finished task without a reply would leave the SuperNode waiting)."""
+    started = time.perf_counter()
     with claimed.heartbeats():
         message, context, run, fab = claimed.pull_input()
+        pulled = time.perf_counter()
         reason = refusal(run.fab_id, run.fab_version, run.fab_hash, fab.content)
         if reason is not None:
             logger.error("site %s: refused run %d: %s; nothing of it was installed or run", site, run.run_id, reason)
             reply = Message(Error(ErrorCode.INVALID_FAB, f"site {site} refused run {run.run_id}: {reason}"),
                             reply_to=message)
             status, details = SubStatus.FAILED, reason
+        elif message.metadata.message_type == HOLD_MESSAGE_TYPE:
+            time.sleep(_hold_s(message, claimed))
+            reply, status, details = Message(to_record({"ok": True, "result": {}}), reply_to=message), \
+                SubStatus.COMPLETED, ""
         else:
             reply = app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
         del message
+        handled = time.perf_counter()
         try:
             claimed.reply(reply, context)
         except Exception:  # noqa: BLE001 - logged; the unfinished task expires into an error reply
@@ -117,3 +138,5 @@ def _answer(claimed: ClaimedTask, app, site: str) -> None:  # noqa: ANN001 - a f
                          traceback.format_exc())
             return
         claimed.finish(status, details, context)
+    logger.info("site %s: task of run %d: message pulled in %.2f s, handled in %.2f s, reply pushed in %.2f s",
+                site, run.run_id, pulled - started, handled - pulled, time.perf_counter() - handled)
