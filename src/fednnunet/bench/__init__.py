@@ -9,6 +9,8 @@
   with Flower's own floor measured in the same run (``flower_floor.py``: the same nodes and bytes, no work).
 * :func:`bench_planning` (``planning.py``): ``fednnunet run plan_and_preprocess`` on K synthetic sites vs.
   each site's local ``nnUNetv2_plan_and_preprocess`` alone, same machine, same run.
+* :func:`bench_checks` (``checks.py``, issue 16): a site's data checks vs. nnU-Net's fingerprint extraction on
+  the same datasets, same process.
 
 Benchmarks are not part of ``make test``; ``tests/test_bench_smoke.py`` only checks that they run and
 return their keys. Nothing heavy is imported here (no torch, no nnU-Net): the planning bench runs both
@@ -16,8 +18,9 @@ tools as subprocesses.
 """
 
 from fednnunet.bench.aggregate import bench_aggregate, format_aggregate_table, model_shapes
+from fednnunet.bench.checks import bench_checks, format_checks
 from fednnunet.bench.overhead import bench_overhead, format_overhead
 from fednnunet.bench.planning import bench_planning, format_planning
 
-__all__ = ["bench_aggregate", "bench_overhead", "bench_planning", "format_aggregate_table", "format_overhead",
-           "format_planning", "model_shapes"]
+__all__ = ["bench_aggregate", "bench_checks", "bench_overhead", "bench_planning", "format_aggregate_table",
+           "format_checks", "format_overhead", "format_planning", "model_shapes"]
