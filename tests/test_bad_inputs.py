@@ -22,8 +22,10 @@ from fednnunet.fingerprint.checks import FederationDataError
 from fednnunet.fingerprint.protocol import FingerprintJob, _describe
 
 ROWS = {  # dataset id -> (how it is broken, expected message)
-    911: ("nan", "site s911, case {case}: file imagesTr/{case}_0000.nrrd (channel 0, MRI): image contains 1 NaN values"),
-    912: ("label", "site s912, case {case}: file labelsTr/{case}.nii.gz: label values [7] are not in dataset.json labels [0, 1, 2]"),
+    911: ("nan", "site s911, case {case}: file imagesTr/{case}_0000.nrrd (channel 0, MRI): image contains 1 NaN "
+                 "values"),
+    912: ("label", "site s912, case {case}: file labelsTr/{case}.nii.gz: label values [7] are not in dataset.json "
+                   "labels [0, 1, 2]"),
     913: ("shape", "site s913, case {case}: image shape"),
     914: ("missing", "site s914, case {case}: missing file(s)"),
     915: ("empty", "site s915: dataset.json says numTraining="),

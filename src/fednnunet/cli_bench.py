@@ -58,7 +58,7 @@ def cmd_checks(args: argparse.Namespace) -> int:
         raise SystemExit("error: --raw and --datasets go together")
     result = bench_checks(raw=args.raw, datasets=datasets, demo=not args.no_demo, large_cases=args.large,
                           num_processes=args.np, repeats=args.repeats, work=Path(args.work) if args.work else None)
-    _emit(args, "checks", result, format_checks(result))
+    _emit(args, "-".join(["checks", *datasets]), result, format_checks(result))
     return 0
 
 

@@ -163,9 +163,9 @@ def format_checks(result: Mapping[str, Any]) -> str:
     for row in result["datasets"]:
         ratios = [f"{r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]"
                   for r in (row["ratio_file_checks"], row["ratio_site_check"])]
-        lines.append(f"{row['dataset']:<24} {row['cases']:>5} {row['mbytes']:>7.1f} {row['file_checks_median_s']:>10.2f}s "
-                     f"{row['site_check_median_s']:>9.2f}s {row['fingerprint_median_s']:>10.2f}s "
-                     f"{ratios[0]:>18} {ratios[1]:>18}")
+        lines.append(f"{row['dataset']:<24} {row['cases']:>5} {row['mbytes']:>7.1f} "
+                     f"{row['file_checks_median_s']:>10.2f}s {row['site_check_median_s']:>9.2f}s "
+                     f"{row['fingerprint_median_s']:>10.2f}s {ratios[0]:>18} {ratios[1]:>18}")
     return "\n".join(lines)
 
 

@@ -130,8 +130,8 @@ def check_site_cases(site: str, dataset_name: str, num_processes: int = 1) -> Si
     result.reader = rw_class.__name__ if rw_class else None
     if reader_problem:
         result.dataset_problems.append(f"site {site}: {reader_problem}")
-    spec = _CaseSpec(folder, rw_class, list(dataset_json["channel_names"].values()), _label_values(dataset_json["labels"]),
-                     dataset_json["labels"].get("ignore"))
+    spec = _CaseSpec(folder, rw_class, list(dataset_json["channel_names"].values()),
+                     _label_values(dataset_json["labels"]), dataset_json["labels"].get("ignore"))
     jobs = [(case, files["images"], files["label"], spec) for case, files in sorted(cases.items())]
     if num_processes > 1 and len(jobs) > 1:
         with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
