@@ -27,7 +27,8 @@ test-long: install
 	$(BIN)/python -m pytest -q --durations=0 tests_long
 
 # Benchmarks (not part of the tests): they print numbers and write JSON into benchmarks_out/.
-# With the real retina sites beside the clone (../shared), planning is also timed on them (DRIVE alone, all four).
+# With the real retina sites beside the clone (../shared), planning (DRIVE alone, all four) and the data checks are
+# also timed on them.
 RETINA := ../shared/data/retina-vessels
 bench: install
 	$(BIN)/fednnunet bench all --out benchmarks_out
@@ -35,7 +36,8 @@ bench: install
 	  rm -rf benchmarks_out/retina_raw && \
 	  $(BIN)/fednnunet convert retina-vessels $(RETINA) --out benchmarks_out/retina_raw --first-id 950 && \
 	  $(BIN)/fednnunet bench planning --raw benchmarks_out/retina_raw --datasets 950 --out benchmarks_out && \
-	  $(BIN)/fednnunet bench planning --raw benchmarks_out/retina_raw --datasets "950 951 952 953" --out benchmarks_out; \
+	  $(BIN)/fednnunet bench planning --raw benchmarks_out/retina_raw --datasets "950 951 952 953" --out benchmarks_out && \
+	  $(BIN)/fednnunet bench checks --no-demo --raw benchmarks_out/retina_raw --datasets "950 951 952 953" --out benchmarks_out; \
 	fi
 
 clean:

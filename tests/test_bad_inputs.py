@@ -16,18 +16,25 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from faults import cut, replace_voxels, store_non_finite
 from fednnunet.data.synthetic import write_demo_federation
 from fednnunet.fingerprint.checks import FederationDataError
 from fednnunet.fingerprint.protocol import FingerprintJob, _describe
 
 ROWS = {  # dataset id -> (how it is broken, expected message)
-    911: ("nan", "site s911, case {case}: image contains"),
-    912: ("label", "site s912, case {case}: label values [7] are not in dataset.json labels [0, 1, 2]"),
+    911: ("nan", "site s911, case {case}: file imagesTr/{case}_0000.nrrd (channel 0, MRI): image contains 1 NaN "
+                 "values"),
+    912: ("label", "site s912, case {case}: file labelsTr/{case}.nii.gz: label values [7] are not in dataset.json "
+                   "labels [0, 1, 2]"),
     913: ("shape", "site s913, case {case}: image shape"),
     914: ("missing", "site s914, case {case}: missing file(s)"),
     915: ("empty", "site s915: dataset.json says numTraining="),
+    916: ("cut", "site s916, case {case}: file imagesTr/{case}_0000.nii.gz: cut short: its gzip stream ends after"),
+    917: ("nifti_nan", "site s917, case {case}: file imagesTr/{case}_0000.nii.gz: 2 NaN voxel(s) stored"),
+    918: ("empty_label", "site s918, case {case}: file labelsTr/{case}.nii.gz: label is empty (background only)"),
     999: ("absent", "site s999: dataset 999 not found"),
 }
+WARNINGS = ("empty_label",)  # rows whose dataset passes, with a warning
 
 SCRIPT = """
 import json, sys
@@ -81,6 +88,12 @@ def _break(folder: Path, how: str) -> str:
     elif how == "empty":
         for f in [*folder.glob("imagesTr/*"), *folder.glob("labelsTr/*")]:
             f.unlink()
+    elif how == "cut":  # an interrupted copy, which SimpleITK reads as zeros
+        cut(image, 0.6)
+    elif how == "nifti_nan":  # which SimpleITK reads as 0
+        store_non_finite(image, [np.nan, np.nan])
+    elif how == "empty_label":
+        replace_voxels(label, np.zeros_like)
     return case
 
 
@@ -101,6 +114,9 @@ def test_bad_inputs_are_reported_with_site_and_case(tmp_path):
     for ds, (how, expected) in ROWS.items():
         body = replies[str(ds)]
         text = body["error"] if not body["ok"] else "\n".join(body["result"]["problems"])
+        if how in WARNINGS:
+            assert body["ok"] and not body["result"]["problems"], body
+            text = "\n".join(body["result"]["warnings"])
         assert expected.format(case=cases.get(ds)) in text, (how, text)
     assert not (tmp_path / "pre").exists() or not list((tmp_path / "pre").rglob("*.json"))
 

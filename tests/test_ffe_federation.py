@@ -3,16 +3,17 @@ nnU-Net's own extraction and planning on the pooled dataset, and broken sites fa
 
 from __future__ import annotations
 
-import gzip
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fednnunet.data.pooled import pool_datasets
 from conftest import nnunet_env
+from faults import replace_voxels, store_non_finite
 from fednnunet.data.synthetic import write_demo_federation
 
 BIN = Path(sys.executable).parent
@@ -83,14 +84,25 @@ def test_progress_and_round_trips_reported(federated):
 
 
 def test_broken_site_fails_with_site_and_case_named_and_writes_nothing(tmp_path):
+    """Faults that nnU-Net's reader hides (a file cut short, NaN stored) stop planning before anything is written;
+    a warning (an empty label) reaches the output."""
     env = nnunet_env(tmp_path)
     raw = Path(env["nnUNet_raw"])
     write_demo_federation(raw, first_id=901, sites=2, dim=2, seed=1)
-    images = sorted((raw / "Dataset902_SiteB" / "imagesTr").glob("*.nii.gz"))
-    images[0].write_bytes(gzip.compress(b"not a nifti"))
-    res = _run([str(BIN / "fednnunet"), "run", "extract_fingerprint", "901 902", "--out", str(tmp_path / "out")],
-               env, timeout=600)
+    cut_image = sorted((raw / "Dataset902_SiteB" / "imagesTr").glob("*.nii.gz"))[0]
+    cut_image.write_bytes(cut_image.read_bytes()[:200])  # SimpleITK reads this as an all-zero image
+    nan_image, empty_label = sorted((raw / "Dataset901_SiteA" / "imagesTr").glob("*.nii.gz"))[1], \
+        sorted((raw / "Dataset901_SiteA" / "labelsTr").glob("*.nii.gz"))[2]
+    store_non_finite(nan_image, [np.nan])
+    replace_voxels(empty_label, np.zeros_like)
+    res = _run([str(BIN / "fednnunet"), "run", "plan_and_preprocess", "901 902", "-c", "2d",
+                "--out", str(tmp_path / "out")], env, timeout=600)
     assert res.returncode != 0
-    case = images[0].name[: -len("_0000.nii.gz")]
-    assert f"site 902, case {case}: cannot read" in res.stderr, res.stdout + res.stderr
-    assert not list(Path(env["nnUNet_preprocessed"]).glob("*/dataset_fingerprint.json"))
+    case = cut_image.name[: -len("_0000.nii.gz")]
+    assert f"site 902, case {case}: file imagesTr/{cut_image.name}: cut short: its gzip stream" in res.stderr, \
+        res.stdout + res.stderr
+    case = nan_image.name[: -len("_0000.nii.gz")]
+    assert f"site 901, case {case}: file imagesTr/{nan_image.name}: 1 NaN voxel(s) stored" in res.stderr
+    case = empty_label.name[: -len(".nii.gz")]
+    assert f"WARNING: site 901, case {case}: file labelsTr/{empty_label.name}: label is empty" in res.stdout
+    assert not list(Path(env["nnUNet_preprocessed"]).rglob("*"))

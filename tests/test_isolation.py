@@ -174,7 +174,7 @@ def test_hospital_network(tmp_path: Path) -> None:
                                     str(other / "sites" / "site3.key")],
                    "wrong_ca": ["--tls-root", str(other / "ca.crt"), "--auth-key", str(tls / "sites" / "site3.key")],
                    "plain_http": ["--insecure"]}
-        return [] if name is None else ["--site-name", name, *refused[name]]
+        return [] if name is None else ["--site-name", name, "--no-check", *refused[name]]
 
     with hosts:
         try:

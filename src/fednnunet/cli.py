@@ -27,7 +27,8 @@ def _require_env() -> None:
 
 def _printer(started: float):
     def show(event: dict) -> None:
-        print(f"[{event.get('t', time.time()) - started:7.1f}s] {event.get('message', '')}", flush=True)
+        kind = "WARNING: " if event.get("kind") == "warning" else ""
+        print(f"[{event.get('t', time.time()) - started:7.1f}s] {kind}{event.get('message', '')}", flush=True)
     return show
 
 
@@ -223,6 +224,10 @@ def cmd_client(args: argparse.Namespace) -> int:
         from fednnunet.evaluation.cross_validation import SHARE_PER_CASE_ENV
 
         os.environ[SHARE_PER_CASE_ENV] = "1"  # read by this site's cross-validation operations
+    if args.task != "train" and not args.no_check:  # training reads the preprocessed data checked at planning
+        from fednnunet.cli_check import precheck_client
+
+        precheck_client(args.dataset, name, args.np)  # before anything starts
     logs = Path(os.environ["nnUNet_results"]) / "FednnUNet" / f"client-{name}-{args.task}" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     worker = SiteWorker(name, args.dataset, exit_after_job=True, task=args.task,
@@ -383,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--da-workers", type=int, default=None, help="nnUNet_n_proc_DA at this site")
         t.add_argument("--connect-timeout", type=float, default=300.0,
                        help="seconds to keep trying to reach the server")
+        if task != "train":
+            t.add_argument("-np", type=int, default=1, help="cases checked in parallel before connecting")
+            t.add_argument("--no-check", action="store_true", help="skip the data check before connecting")
 
     p = sub.add_parser("certs", help="a CA, a server certificate and one key pair per site")
     p.add_argument("--out", required=True, help="folder to create")
@@ -390,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, required=True, help="number of site key pairs")
     p.set_defaults(func=cmd_certs)
 
-    from fednnunet import cli_bench, cli_evaluation  # their commands live beside their stages
+    from fednnunet import cli_bench, cli_check, cli_evaluation  # their commands live beside their stages
 
+    cli_check.add_commands(sub)
     cli_evaluation.add_commands(sub)
     cli_bench.add_commands(sub)
     return parser

@@ -60,6 +60,18 @@ def cmd_site_epoch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checks(args: argparse.Namespace) -> int:
+    from fednnunet.bench import bench_checks, format_checks
+
+    datasets = args.datasets.split() if args.datasets else []
+    if bool(args.raw) != bool(datasets):
+        raise SystemExit("error: --raw and --datasets go together")
+    result = bench_checks(raw=args.raw, datasets=datasets, demo=not args.no_demo, large_cases=args.large,
+                          num_processes=args.np, repeats=args.repeats, work=Path(args.work) if args.work else None)
+    _emit(args, "-".join(["checks", *datasets]), result, format_checks(result))
+    return 0
+
+
 def cmd_all(args: argparse.Namespace) -> int:
     """Every benchmark at the sizes reported in BENCHMARKS.md (`make bench`)."""
     started = time.time()
@@ -68,6 +80,7 @@ def cmd_all(args: argparse.Namespace) -> int:
     steps = [
         (cmd_aggregate, dict(sites="2,4,8,16,32,64", params="30e6", repeats=3, modes="ffe,asym,asym_stream")),
         (cmd_planning, dict(sites=3, work=None, raw=None, datasets=None)),
+        (cmd_checks, dict(raw=None, datasets=None, no_demo=False, large=4, np=1, repeats=3, work=None)),
         (cmd_overhead, dict(overhead, model="tiny", transfer_dtype="float32")),
         (cmd_overhead, dict(overhead, model="30m", transfer_dtype="float32")),
         (cmd_overhead, dict(overhead, model="30m", transfer_dtype="float16")),
@@ -129,6 +142,17 @@ def add_commands(sub) -> None:
     b.add_argument("--work", help="work folder (default: a new temporary folder)")
     common(b)
     b.set_defaults(func=cmd_site_epoch)
+
+    b = bench.add_parser("checks", help="a site's data checks vs nnU-Net's fingerprint extraction on the same data")
+    b.add_argument("--raw", help="also bench these existing datasets: an nnU-Net raw folder (only read)")
+    b.add_argument("--datasets", help='with --raw: ids or names, e.g. "950 951"')
+    b.add_argument("--no-demo", action="store_true", help="skip the synthetic 3D demo sites")
+    b.add_argument("--large", type=int, default=0, help="also a synthetic CT-sized 3D site with this many cases")
+    b.add_argument("-np", type=int, default=1, help="processes for the site check and the fingerprint")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--work", help="work folder (default: a new temporary folder)")
+    common(b)
+    b.set_defaults(func=cmd_checks)
 
     b = bench.add_parser("all", help="every benchmark (make bench)")
     common(b)

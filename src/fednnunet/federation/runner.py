@@ -24,7 +24,7 @@ def run_fingerprint_task(job: JobSpec, caller: SiteCaller, events: EventLog) -> 
     if job.task == "plan_and_preprocess":
         plan = PlanRequest(job.configurations, job.planner, dict(job.gpu_memory_target_gb), job.num_processes)
     outcome = run_fingerprint_job(caller, FingerprintJob(job.asym, plan, job.num_processes, job.check_cases,
-                                                         job.task), events.info)
+                                                         job.task), events.info, lambda w: events.emit("warning", w))
     out = Path(job.out_dir)
     if outcome.fingerprint is not None:
         write_json_atomic(out / "merged_fingerprint.json", outcome.fingerprint)

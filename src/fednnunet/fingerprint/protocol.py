@@ -1,7 +1,8 @@
 """Server side of federated fingerprint extraction and planning, independent of the transport.
 
 Round trips (each one message to every site):
-1. ``describe``: dataset name, case count, dataset.json fields, per-case problems; checked before anything else.
+1. ``describe``: dataset name, case count, dataset.json fields, per-case problems (which stop the job before
+   anything is written) and warnings (passed on to the people running it); checked before anything else.
 2. ``fingerprint_sample``: sites sample with the global case count and return aggregates, with the first
    round of bucket counts for the percentile search as a coarse histogram. A site with one channel has
    usually sampled already, after its ``describe`` reply, with its own case count: the global count's samples
@@ -71,12 +72,24 @@ class FingerprintOutcome:
     gpu_memory_target_gb: float | None = None
 
 
-def _describe(caller: SiteCaller, job: FingerprintJob) -> dict[str, dict[str, Any]]:
+#: warnings shown per site in the server's events (``fednnunet check`` at the site lists them all)
+MAX_WARNINGS_SHOWN = 20
+
+
+def _describe(caller: SiteCaller, job: FingerprintJob,
+              warn: Callable[[str], None] = logger.warning) -> dict[str, dict[str, Any]]:
     # FFE sites may sample with their own case count while Flower carries this reply and the sampling request
     sample_ahead = None if job.asym else {"num_processes": job.num_processes}
     replies = caller.broadcast("describe", {"check_cases": job.check_cases, "task": job.task,
-                                            "sample_ahead": sample_ahead})
+                                            "num_processes": job.num_processes, "sample_ahead": sample_ahead})
     descs = {site: result for site, (result, _) in replies.items()}
+    for site, desc in descs.items():  # suspicious but legal data: shown, and the job goes on
+        shown = desc.get("warnings", [])
+        for w in shown[:MAX_WARNINGS_SHOWN]:
+            warn(w)
+        if len(shown) > MAX_WARNINGS_SHOWN:
+            warn(f"site {site}: {len(shown) - MAX_WARNINGS_SHOWN} more warning(s); `fednnunet check "
+                 f"{desc.get('dataset_name')}` at the site lists them all")
     problems = [p for d in descs.values() for p in d.get("problems", [])]
     if problems:
         raise FederationDataError("dataset problems found:\n  " + "\n  ".join(problems))
@@ -155,10 +168,11 @@ def _exact_percentiles(caller: SiteCaller, summaries: list[SiteSummary], progres
     return [plan.percentiles(search.keys(), key_space, pooled) for plan, search in searches], rounds
 
 
-def run_fingerprint_job(caller: SiteCaller, job: FingerprintJob,
-                        progress: Callable[[str], None] = logger.info) -> FingerprintOutcome:
-    """Run FFE (or the asym local planning) across all sites of ``caller``."""
-    descs = _describe(caller, job)
+def run_fingerprint_job(caller: SiteCaller, job: FingerprintJob, progress: Callable[[str], None] = logger.info,
+                        warn: Callable[[str], None] = logger.warning) -> FingerprintOutcome:
+    """Run FFE (or the asym local planning) across all sites of ``caller``; ``warn`` gets the sites' data
+    warnings (naming site and case)."""
+    descs = _describe(caller, job, warn)
     trips = 1
     total_cases = sum(int(d["num_cases"]) for d in descs.values())
     progress("sites: " + ", ".join(f"{s} ({d['dataset_name']}, {d['num_cases']} cases)" for s, d in descs.items()))

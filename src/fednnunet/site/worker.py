@@ -122,8 +122,12 @@ class SiteWorker:
         self._check_task(config)
         desc = describe_site(self.site, self.dataset)
         self.dataset_name = desc["dataset_name"]
-        problems = check_site_cases(self.site, self.dataset_name) if config.get("check_cases", True) else []
-        desc.update(problems=problems, version=__version__, gpu_memory_target_gb=config.get("gpu_memory_target_gb"))
+        problems, warnings = [], []
+        if config.get("check_cases", True):
+            check = check_site_cases(self.site, self.dataset_name, int(config.get("num_processes", 1)))
+            problems, warnings = check.problems, check.warnings
+        desc.update(problems=problems, warnings=warnings, version=__version__,
+                    gpu_memory_target_gb=config.get("gpu_memory_target_gb"))
         ahead = config.get("sample_ahead")
         if (ahead is not None and not problems
                 and CaseAnalysis.prefix_is_exact(len(desc["dataset_json"].get("channel_names", {})))):
