@@ -41,9 +41,12 @@ def test_record_round_trip_through_flower_objects() -> None:
     record = to_record({"op": "train_round", "config": {"round": 3}}, arrays)
     body, out = from_record(record)
     assert body == {"op": "train_round", "config": {"round": 3}}
+    data = record.array_records["arrays"]["packed"].data
     for name, arr in arrays.items():
         np.testing.assert_array_equal(out[name], arr)
-        assert out[name].flags.writeable
+        # a view of the received bytes, not a copy of the model (nor a way to change what was received)
+        assert not out[name].flags.writeable and not out[name].flags.owndata
+        assert 0 <= out[name].__array_interface__["data"][0] - np.frombuffer(data, np.uint8).ctypes.data < len(data)
     assert record_nbytes(record) >= sum(a.nbytes for a in arrays.values())
 
 

@@ -44,7 +44,9 @@ def _nnunet_arm(dataset: str, configuration: str, fold: str, epochs: int, iterat
 
     name = maybe_convert_to_dataset_name(int(dataset))
     base = join(nnUNet_preprocessed.get(), name)
-    trainer = nnUNetTrainer(plans=load_json(join(base, "nnUNetPlans.json")), configuration=configuration,
+    plans = load_json(join(base, "nnUNetPlans.json"))
+    plans["continue_training"] = False  # as nnunetv2.run.run_training hands it to the trainer
+    trainer = nnUNetTrainer(plans=plans, configuration=configuration,
                             fold=int(fold), dataset_json=load_json(join(base, "dataset.json")),
                             device=torch.device(device))
     trainer.num_epochs = epochs
@@ -55,8 +57,9 @@ def _nnunet_arm(dataset: str, configuration: str, fold: str, epochs: int, iterat
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
     trainer.run_training()
-    log = trainer.logger.my_fantastic_logging
-    epoch_s = [end - start for start, end in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
+    log = trainer.logger
+    epoch_s = [log.get_value("epoch_end_timestamps", step=i) - log.get_value("epoch_start_timestamps", step=i)
+               for i in range(epochs)]
     out.write_text(json.dumps({"epoch_s": epoch_s,
                                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 

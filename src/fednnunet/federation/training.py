@@ -416,7 +416,8 @@ class _FoldRun:
             _atomic_write(self.out / METRICS_FILE,
                           lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
         else:
-            models = dict(init_weights) if asym else {"global": init_weights[first]}
+            # received arrays are read-only views of the reply; the FFE average is written into its own arrays
+            models = dict(init_weights) if asym else {"global": {k: np.array(v) for k, v in init_weights[first].items()}}
             start, history = 0, []
         del init_weights
 

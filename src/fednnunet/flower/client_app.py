@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fednnunet.array_layout import LayoutError
@@ -37,6 +37,8 @@ def make_client_app(handler: Handler | None) -> ClientApp:
         except LayoutError as err:
             return Message(to_record({"ok": False, "error": f"malformed message from the server: {err}"}),
                            reply_to=msg)
+        # the message now lives on in ``arrays`` only, which the operation may release once it has loaded them
+        msg.content = RecordDict()
         reply, out = handler(body, arrays)
         del arrays, body
         return Message(to_record(reply, out), reply_to=msg)

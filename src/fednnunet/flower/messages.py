@@ -8,12 +8,14 @@ non-numeric dtype or does not match the buffer is refused.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.constant import SType
 
 from fednnunet.array_layout import LayoutError, pack, unpack
 
@@ -45,8 +47,29 @@ def to_record(body: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | Packed
     return record
 
 
+def _packed_buffer(array: Array) -> np.ndarray:
+    """The received packed buffer as a read-only view of the message's bytes (no copy of the model).
+
+    Flower's ``Array.numpy()`` would ``np.load`` a copy; here numpy's own ``.npy`` header reader checks that the
+    bytes hold a 1-D uint8 array and the data is viewed where it lies.
+    """
+    stream = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, KeyError) as err:
+        raise LayoutError(f"packed arrays are not a .npy buffer: {err}") from None
+    if dtype != np.uint8 or len(shape) != 1 or fortran_order:
+        raise LayoutError(f"packed arrays must be a 1-D uint8 buffer, got {dtype} with shape {shape}")
+    if stream.tell() + shape[0] != len(array.data):
+        raise LayoutError(f"packed buffer of {len(array.data) - stream.tell()} bytes where its header says {shape[0]}")
+    return np.frombuffer(array.data, dtype=np.uint8, count=shape[0], offset=stream.tell())
+
+
 def from_record(record: RecordDict) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(body, arrays); the arrays are writable views into one received buffer. Raises LayoutError if malformed."""
+    """(body, arrays); the arrays are read-only views into the received bytes. Raises LayoutError if malformed."""
     config = record.config_records.get(BODY)
     if config is None:
         return {}, {}
@@ -59,7 +82,10 @@ def from_record(record: RecordDict) -> tuple[dict[str, Any], dict[str, np.ndarra
         return body, {}
     if ARRAYS not in record.array_records or PACKED not in record.array_records[ARRAYS]:
         raise LayoutError("message lists arrays but carries no packed array buffer")
-    return body, unpack(layout, record.array_records[ARRAYS][PACKED].numpy())
+    packed = record.array_records[ARRAYS][PACKED]
+    if packed.stype != SType.NUMPY:
+        raise LayoutError(f"packed arrays of serialisation type {packed.stype!r}")
+    return body, unpack(layout, _packed_buffer(packed))
 
 
 def record_nbytes(record: RecordDict) -> int:

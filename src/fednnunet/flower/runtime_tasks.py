@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import httpx
 from flwr.app import Context, Message
@@ -38,8 +38,10 @@ from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVer
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.superlink.grid import HttpGrid
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+if TYPE_CHECKING:
+    from flwr.superlink.grid import HttpGrid
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +102,9 @@ class ClaimedTask:
         """A ClientApp task's message, context, run and FAB (data only: nothing of the FAB is installed or run)."""
         return pull_task_input(self._client)
 
-    def server_grid(self) -> HttpGrid:
+    def server_grid(self) -> "HttpGrid":
         """A ServerApp task's Grid (Flower's own, bound to this task's token and run) to message the nodes."""
+        from flwr.superlink.grid import HttpGrid  # the SuperLink side's module; sites never import it
         res = self._client.PullTaskInput(PullTaskInputRequest())
         # Flower stamps every new Message with the process's task identity (flwr-serverapp sets it the same way)
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (res.task_id, res.run.run_id,
