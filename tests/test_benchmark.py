@@ -68,9 +68,11 @@ def test_cli_parses_the_commands() -> None:
     assert (a.collection, a.first_id, a.downsample) == ("retina-vessels", 201, 4)
 
 
-def test_benchmark_end_to_end(raw: Path, tmp_path: Path) -> None:
+def test_benchmark_end_to_end(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fednnunet.evaluation.report import evaluate_predictions
 
+    # the README's environment: stock nnU-Net planning (local) must not die on torch.set_num_threads(0)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     events: list[dict] = []
     out = tmp_path / "bench"
     results = run_benchmark(raw, ["901", "902"], "2d", out, folds=[0], rounds=1, iterations_per_round=2,

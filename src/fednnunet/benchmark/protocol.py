@@ -368,8 +368,10 @@ class _Context:
 
     def _plan_stock(self, method: str, env: dict[str, str], ids: Sequence[int]) -> None:
         self.prog(f"nnUNetv2_plan_and_preprocess {' '.join(map(str, ids))}", method=method)
+        from fednnunet.planning.site_planning import planner_env
+
         _stream([_bin("nnUNetv2_plan_and_preprocess"), "-d", *map(str, ids), "-c", self.configuration, "-np", "1"],
-                env, f"{method}: nnUNetv2_plan_and_preprocess", log_file=self._base(method) / "plan.log")
+                planner_env(env), f"{method}: nnUNetv2_plan_and_preprocess", log_file=self._base(method) / "plan.log")
 
     def _train_stock(self, method: str, env: dict[str, str], datasets: Sequence[SiteData]) -> Path:
         """Trains every dataset alone, fold by fold, in a worker process; returns the first fold's metrics file."""
