@@ -37,6 +37,8 @@ def test_train_options_round_trip_and_checks() -> None:
         TrainOptions(folds=["x"])
     with pytest.raises(ValueError):
         TrainOptions(validation_only=True, resume=True)
+    with pytest.raises(ValueError, match="seed"):
+        TrainOptions(seed=-1)
 
 
 @pytest.mark.parametrize("asym", [False, True])
@@ -112,7 +114,7 @@ def test_ffe_training_end_to_end(federation: Path) -> None:
     import torch
 
     out = federation / "train_ffe"
-    assert _run_cli(["run", "train", "901 902", "2d", "0", *TRAIN_FLAGS, "--out", str(out)]) == 0
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *TRAIN_FLAGS, "--seed", "7", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["ok"] and result["rounds"] == 2 and sorted(result["sites"]) == ["901", "902"]
 
@@ -135,6 +137,36 @@ def test_ffe_training_end_to_end(federation: Path) -> None:
     saved = load_models(out, load_state(out))["global"]
     for key, arr in saved.items():
         np.testing.assert_array_equal(glob[key].numpy(), arr)
+
+
+def _global_weights(out: Path) -> dict:
+    return _weights(out / "global" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth")
+
+
+def _losses(out: Path) -> list:
+    return [{s: (m["train_loss"], m["val_loss"]) for s, m in json.loads(x)["sites"].items()}
+            for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_seeded_run_repeats_bit_for_bit(federation: Path) -> None:
+    """The seeded FFE run above, repeated (CPU, --da-workers 0): the same final model bit for bit and the same
+    losses every round; another seed gives another first round."""
+    import torch
+
+    first = federation / "train_ffe"
+    if load_state(first) is None:
+        pytest.skip("needs the FFE training test")
+    again, other = federation / "train_ffe_again", federation / "train_ffe_seed8"
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *TRAIN_FLAGS, "--seed", "7", "--skip-val",
+                     "--out", str(again)]) == 0
+    a, b = _global_weights(first), _global_weights(again)
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(first) == _losses(again)
+    flags = [f if f != "2" or i != 1 else "1" for i, f in enumerate(TRAIN_FLAGS)]  # --rounds 1
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *flags, "--seed", "8", "--skip-val",
+                     "--out", str(other)]) == 0
+    for site, (train_loss, _) in _losses(other)[0].items():
+        assert train_loss != _losses(first)[0][site][0], site
 
 
 def test_predict_on_site_folder(federation: Path, tmp_path: Path) -> None:

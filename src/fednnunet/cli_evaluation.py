@@ -108,7 +108,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             raw, _ids(args.sites), args.c, Path(args.out), external=_ids(args.external), folds=_ids(args.folds),
             rounds=args.rounds, iterations_per_round=args.iterations_per_round,
             methods=[m for m in args.methods.replace(" ", ",").split(",") if m], val_iterations=args.val_iterations,
-            progress=lambda e: print(format_progress(e), flush=True), command=command)
+            progress=lambda e: print(format_progress(e), flush=True), command=command, seed=args.seed)
     except (BenchmarkError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -162,6 +162,7 @@ def add_commands(sub) -> None:
     p.add_argument("--val-iterations", type=int, default=None, help="online validation iterations per epoch")
     p.add_argument("--methods", default="local,centralized,ffe,asym",
                    help="comma separated: local, centralized, ffe, asym; also ffe16 (FFE with 16-bit transfer)")
+    p.add_argument("--seed", type=int, default=None, help="seed every method's training (default: unseeded)")
     p.add_argument("--raw", help="nnU-Net raw folder of the sites (default: $nnUNet_raw); never written")
     p.add_argument("--out", required=True, help="output folder (each method gets its own nnU-Net roots inside)")
     p.set_defaults(func=cmd_benchmark)

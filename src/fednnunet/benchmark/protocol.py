@@ -256,7 +256,7 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
                   external: Sequence[str] = (), folds: Sequence[int | str] = (0,), rounds: int = 10,
                   iterations_per_round: int = 250, methods: Sequence[str] = METHODS,
                   val_iterations: int | None = None, progress: Callable[[dict], None] | None = None,
-                  command: str | None = None) -> dict[str, Any]:
+                  command: str | None = None, seed: int | None = None) -> dict[str, Any]:
     """Runs the protocol (module docstring) and writes ``out/results.json``, ``results.md``, ``dsc.png`` and
     ``training_curves.png``; returns the results dict (``evaluation.report.build_results`` schema).
 
@@ -272,6 +272,8 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
         val_iterations: nnU-Net's online validation iterations per epoch (default: iterations / 5, 1..50).
         progress: called with a dict per event (``format_progress`` makes a line of it).
         command: the command line to record (default: the Python call).
+        seed: seeds every method's training (``fednnunet.seeding``; each site and the pooled dataset draw their own
+            stream); None: unseeded, as nnU-Net.
     """
     from fednnunet.evaluation.predict import normalize_folds
 
@@ -303,7 +305,7 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
               "iterations_per_round": iterations_per_round, "val_iterations_per_round": val_iterations,
               "iterations_per_fold": rounds * iterations_per_round}
     ctx = _Context(raw, out, configuration, internal, ext, folds, rounds, iterations_per_round, val_iterations,
-                   splits, prog)
+                   splits, prog, seed)
     per_method: dict[str, dict[str, list]] = {}
     curves: dict[str, Path] = {}
     timings: dict[str, float] = {}
@@ -338,12 +340,12 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
 
 class _Context:
     def __init__(self, raw, out, configuration, internal, ext, folds, rounds, iterations, val_iterations, splits,
-                 prog):
+                 prog, seed=None):
         self.raw, self.out, self.configuration = raw, out, configuration
         self.internal: list[SiteData] = internal
         self.ext: list[SiteData] = ext
         self.folds, self.rounds, self.iterations, self.val_iterations = folds, rounds, iterations, val_iterations
-        self.splits, self.prog = splits, prog
+        self.splits, self.prog, self.seed = splits, prog, seed
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -380,7 +382,8 @@ class _Context:
             run = self._base(method) / "runs" / f"fold_{fold}"
             spec = {"datasets": [[d.id, d.key] for d in datasets], "configuration": self.configuration,
                     "fold": fold, "rounds": self.rounds, "iterations": self.iterations,
-                    "val_iterations": self.val_iterations, "metrics_file": str(run / "metrics.jsonl")}
+                    "val_iterations": self.val_iterations, "metrics_file": str(run / "metrics.jsonl"),
+                    "seed": self.seed}
             self.prog("training", method=method, fold=fold)
             _worker("train", spec, run / "train_spec.json", env, f"{method}: training fold {fold}",
                     self._on_worker_event(method))
@@ -415,7 +418,8 @@ class _Context:
             self._fednnunet(method, env, [
                 "run", "train", ids, self.configuration, str(fold), "--rounds", str(self.rounds),
                 "--iterations-per-round", str(self.iterations), "--val-iterations", str(self.val_iterations),
-                "--skip-val", "--da-workers", "0", "--out", str(run), *(["--asym"] if asym else []), *train_args],
+                "--skip-val", "--da-workers", "0", "--out", str(run), *(["--asym"] if asym else []),
+                *([] if self.seed is None else ["--seed", str(self.seed)]), *train_args],
                 f"{method}: training fold {fold}", fold=fold)
             self.prog.unit_done()
             metrics = next(iter(sorted(run.rglob("metrics.jsonl"))), run / "metrics.jsonl")
@@ -583,6 +587,7 @@ def _emit(**event: Any) -> None:
 
 def _worker_train(spec: dict) -> None:
     """Trains each dataset alone with the budget (one process; nnU-Net's roots come from the environment)."""
+    from fednnunet.seeding import derive_seed
     from fednnunet.site.trainer import SiteTrainer
 
     rounds, fold = spec["rounds"], spec["fold"]
@@ -590,9 +595,11 @@ def _worker_train(spec: dict) -> None:
     n = len(spec["datasets"])
     for i, (dataset_id, key) in enumerate(spec["datasets"]):
         _emit(message="building trainer", site=key, fold=fold, fraction_of_unit=i / n)
+        # the same stream as the site's in a federation (TrainingSession: key "site", the site id)
+        seed = None if spec.get("seed") is None else derive_seed(int(spec["seed"]), "site", str(dataset_id))
         st = SiteTrainer(dataset_id, spec["configuration"], fold=fold, device=spec.get("device", "cpu"),
                          total_epochs=rounds, iterations_per_epoch=spec["iterations"],
-                         val_iterations=spec["val_iterations"], num_workers=0)
+                         val_iterations=spec["val_iterations"], num_workers=0, seed=seed)
         for r in range(rounds):
             m = st.run_epoch()
             records[r]["sites"][key] = m

@@ -33,8 +33,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fednnunet.aggregation import (WIRE_DTYPES, ModelSpec, StreamingAsymAverager, StreamingAverager, UpdateRejected,
-                                   from_wire, to_wire, validate_metrics, validate_update, wire_spec)
+from fednnunet.aggregation import (WIRE_DTYPES, ModelSpec, SiteOrderedAdds, StreamingAsymAverager, StreamingAverager,
+                                   UpdateRejected, from_wire, to_wire, validate_metrics, validate_update, wire_spec)
 from fednnunet.federation.events import EventLog
 from fednnunet.federation.job import JobSpec
 from fednnunet.planning.site_planning import write_json_atomic
@@ -85,6 +85,7 @@ class TrainOptions:
     asym_scope: str = "all"
     da_workers: int | None = None
     transfer_dtype: str = "float32"  # float16 halves the bytes of every round (see aggregation/wire.py)
+    seed: int | None = None  # seeds every site's generators; the server then adds updates in site order
 
     def __post_init__(self) -> None:
         self.folds = [str(f) for f in self.folds]
@@ -103,6 +104,8 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.round_timeout_s is not None and self.round_timeout_s <= 0:
             raise ValueError("round_timeout_s must be positive")
         if self.validation_only and (self.continue_training or self.resume):
@@ -379,7 +382,10 @@ class _FoldRun:
         events.emit("train_init", f"fold {self.fold}: {len(sites)} site trainer(s) built in "
                     f"{time.perf_counter() - started:.1f} s (" + ", ".join(
                         f"{s}: {infos[s]['num_training_cases']} cases, epoch {infos[s]['current_epoch']}"
-                        for s in sites) + ")")
+                        for s in sites) + ")" + ("" if opts.seed is None else f", seed {opts.seed}"))
+        for s in sites:
+            for reason in infos[s].get("not_reproducible") or []:
+                events.info(f"site {s}: seeded, but not bit-for-bit repeatable: {reason}")
         specs = {s: ModelSpec.of(init_weights[s]) for s in sites}
         first = sites[0]
         if not asym:
@@ -438,6 +444,8 @@ class _FoldRun:
             traffic = self.caller.traffic
             before = {x: (traffic.sent.get(x, 0), traffic.received.get(x, 0)) for x in targets}
             averager.reset()
+            # seeded: add in site order, so the float64 sums do not depend on the order replies arrive in
+            adds = SiteOrderedAdds(targets if opts.seed is not None else None)
             metrics: dict[str, dict[str, Any]] = {}
 
             def take(site: str, result: dict[str, Any], update: Arrays) -> str | None:
@@ -451,14 +459,15 @@ class _FoldRun:
                 sent = models[site if asym else "global"] if result.get("delta") is True else None
                 weights = from_wire(update, specs[site], base=sent)
                 if asym:
-                    averager.add(site, weights, weight_of[site])
+                    adds.add(site, lambda: averager.add(site, weights, weight_of[site]))
                 else:
-                    averager.add(weights, weight_of[site])
+                    adds.add(site, lambda: averager.add(weights, weight_of[site]))
                 metrics[site] = dict(result["metrics"])
                 return None
 
             replies, errors = self.caller.try_call("train_round", configs, payload, timeout_s=opts.round_timeout_s,
                                                    on_reply=take)
+            adds.flush()
             del payload, shared
             exchange_times = dict(getattr(self.caller, "exchange_times", {}))
             round_bytes = {x: {"sent": traffic.sent.get(x, 0) - before[x][0],

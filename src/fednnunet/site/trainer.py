@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fednnunet.seeding import derive_seed, seed_everything
 from fednnunet.site.weights import load_unique_state, unique_state, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; importing nnunetv2 freezes its path variables
@@ -119,6 +120,10 @@ class SiteTrainer:
         val_iterations: overrides ``trainer.num_val_iterations_per_epoch`` (stock: 50).
         num_workers: if given, sets ``os.environ['nnUNet_n_proc_DA']`` before building, which nnU-Net reads
             for its augmentation workers (0: augment in this process, best for tiny CPU runs).
+        seed: seeds Python's, numpy's and torch's generators (``fednnunet.seeding``) before the trainer is built
+            (network initialisation, the loaders' first batch) and again at the start of every epoch from
+            ``(seed, epoch)``. Bit-for-bit repeatable on CPU with augmentation in this process
+            (``num_workers=0``); :attr:`not_reproducible` says why a run is not. None: nnU-Net's unseeded default.
 
     Raises:
         ValueError: bad fold, iteration or epoch numbers.
@@ -142,6 +147,7 @@ class SiteTrainer:
         iterations_per_epoch: int | None = None,
         val_iterations: int | None = None,
         num_workers: int | None = None,
+        seed: int | None = None,
     ) -> None:
         start = time.perf_counter()
         fold = _normalize_fold(fold)
@@ -162,6 +168,7 @@ class SiteTrainer:
         from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
         from nnunetv2.run.run_training import maybe_load_checkpoint
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
         if not nnUNet_preprocessed.is_set() or not nnUNet_results.is_set():
             raise RuntimeError("nnUNet_preprocessed and nnUNet_results must be set in the environment before "
@@ -169,6 +176,8 @@ class SiteTrainer:
 
         self.export_npz = bool(export_npz)
         self.device = torch.device(device)
+        self.seed = None if seed is None else derive_seed(seed)  # checked here, before any work
+        self._reseed("build")
         trainer_class = load_trainer_class(trainer_name)
         dataset_name = maybe_convert_to_dataset_name(dataset if isinstance(dataset, str) else int(dataset))
 
@@ -203,6 +212,18 @@ class SiteTrainer:
         if self.device.type == "cuda":  # as run_training
             torch.backends.cudnn.deterministic = False
             torch.backends.cudnn.benchmark = True
+
+        #: why a seeded run is not bit-for-bit repeatable here (empty: it is, or no seed was given)
+        self.not_reproducible: list[str] = []
+        if seed is not None and get_allowed_n_proc_DA() > 0:
+            self.not_reproducible.append(
+                f"nnUNet_n_proc_DA={get_allowed_n_proc_DA()}: nnU-Net's augmentation workers are unseeded and "
+                "their batches arrive in any order (use 0)")
+        if seed is not None and self.device.type == "cuda":
+            self.not_reproducible.append("CUDA: cuDNN benchmark mode and non-deterministic GPU kernels "
+                                         "(as nnUNetv2_train)")
+        for reason in self.not_reproducible:
+            logger.warning("seeded, but not bit-for-bit repeatable: %s", reason)
 
         # Builds network/optimizer if needed, data loaders, unpacks the dataset, writes plans.json,
         # dataset.json and dataset_fingerprint.json next to the fold folder.
@@ -277,6 +298,7 @@ class SiteTrainer:
             raise RuntimeError(f"all {t.num_epochs} epochs are done (current_epoch={t.current_epoch}); "
                                "raise total_epochs to train further")
         start = time.perf_counter()
+        self._reseed("epoch", t.current_epoch)
         t.on_epoch_start()
 
         t.on_train_epoch_start()
@@ -307,6 +329,12 @@ class SiteTrainer:
                     metrics["epoch"], t.num_epochs, seconds, metrics["train_loss"], metrics["val_loss"],
                     [round(d, 4) for d in metrics["pseudo_dice"]])
         return metrics
+
+    def _reseed(self, *keys: str | int) -> None:
+        """Seed every generator for the step named by ``keys`` (no-op without a seed): each step's draws are then
+        independent of how many draws came before it (a resumed run, an extra validation)."""
+        if self.seed is not None:
+            seed_everything(derive_seed(self.seed, *keys))
 
     def save_latest(self) -> Path | None:
         """Saves ``checkpoint_latest.pth`` (live weights, optimizer, logger, epoch) with the trainer's own code.

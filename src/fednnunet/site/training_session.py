@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from fednnunet.aggregation import ModelSpec, delta_to_wire, from_wire, to_wire, validate_update, wire_spec
+from fednnunet.seeding import derive_seed
 from fednnunet.site.trainer import SiteTrainer, load_trainer_class
 from fednnunet.site.weights import unique_tensors, unwrap
 
@@ -95,6 +96,9 @@ class TrainingSession:
             iterations_per_epoch=config.get("iterations_per_round"),
             val_iterations=config.get("val_iterations"),
             num_workers=config.get("da_workers"),
+            # every site draws its own stream of the run's seed (the same seed everywhere would give every site
+            # the same patch positions and augmentations)
+            seed=None if config.get("seed") is None else derive_seed(int(config["seed"]), "site", site),
         )
 
     def describe(self) -> tuple[dict[str, Any], Arrays]:
@@ -118,6 +122,7 @@ class TrainingSession:
             "dataset_json": _read_json(model_dir / "dataset.json"),
             "dataset_fingerprint": _read_json(model_dir / "dataset_fingerprint.json"),
             "state_keys": alias_map(nn_trainer.network),
+            "not_reproducible": t.not_reproducible,
         }
         weights = t.get_weights()
         self.spec = ModelSpec.of(weights)
