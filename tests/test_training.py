@@ -1,7 +1,8 @@
 """Federated training: pure pieces (options, server state) and end-to-end runs with real Flower processes.
 
-The end-to-end tests share one planned 2-site synthetic 2D federation (module fixture): FFE planning, a 2-round
-FedAvg run, nnUNetv2_predict on a site's folder, then AsymFedAvg planning and a 2-round asym run.
+The end-to-end tests share one planned 2-site synthetic 2D federation (module fixture): FFE planning, a seeded
+2-round FedAvg run, nnUNetv2_predict on a site's folder, the seeded run repeated as one round plus a resume (bit
+for bit the same), then AsymFedAvg planning and a 2-round asym run.
 """
 
 from __future__ import annotations
@@ -175,27 +176,6 @@ def test_predict_on_site_folder(federation: Path, tmp_path: Path) -> None:
     assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == 1
 
 
-def test_resume_continues_at_the_next_round(federation: Path) -> None:
-    """--resume on a finished 2-round run with --rounds 3: sites continue from their own checkpoints, round 3 only."""
-    out = federation / "train_ffe"
-    if load_state(out) is None:
-        pytest.skip("needs the FFE training test")
-    flags = [f if f != "2" or i != 1 else "3" for i, f in enumerate(TRAIN_FLAGS)]  # --rounds 3
-    assert flags[:2] == ["--rounds", "3"]
-    assert _run_cli(["run", "train", "901 902", "2d", "0", *flags, "--skip-val", "--resume",
-                     "--validate-delivered-every", "0", "--out", str(out)]) == 0
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["round"] for x in lines] == [1, 2, 3]
-    assert load_state(out)["round"] == 3
-    events = (out / "events.jsonl").read_text()
-    assert "resuming after round 2 of 3" in events and "round 1/3" not in events
-    import torch
-
-    ckpt = torch.load(_site_folder(federation, "901") / "fold_0" / "checkpoint_final.pth", map_location="cpu",
-                      weights_only=False)
-    assert ckpt["current_epoch"] == 3  # the site continued its own nnU-Net epoch counter
-
-
 def _global_weights(out: Path, name: str) -> dict:
     return _weights(out / "global" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0" / name)
 
@@ -205,23 +185,35 @@ def _losses(out: Path) -> list:
              for s, m in json.loads(x)["sites"].items()} for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_seeded_run_repeats_bit_for_bit(federation: Path) -> None:
-    """The seeded FFE run of test_ffe_training_end_to_end (kept in seed7/), repeated (CPU, --da-workers 0): the same
-    final and best models bit for bit, the same losses and delivered pseudo-Dice every round. (That another seed
-    gives another model is checked on the site trainer, test_site_trainer.py.) After the resume test (it overwrites
-    the sites' results folders) and before the asym test (which replans the sites)."""
+def test_seeded_run_repeated_through_a_resume_is_bit_for_bit_the_same(federation: Path) -> None:
+    """The seeded FFE run of test_ffe_training_end_to_end (kept in seed7/) repeated in two legs: one round, then
+    ``--resume --rounds 2`` (a finished run extended: the sites continue from their own checkpoints, the server from
+    its state). It ends with the same final and best models bit for bit and the same losses and delivered
+    pseudo-Dice every round (CPU, --da-workers 0): the seeds and the aggregation order fix the run, and a resume
+    draws what an uninterrupted run draws. (That another seed gives another model: test_site_trainer.py.)"""
     import torch
 
     first = federation / "seed7"
     if not first.is_dir():
         pytest.skip("needs the FFE training test")
-    again = federation / "train_ffe_again"
-    assert _run_cli(["run", "train", "901 902", "2d", "0", *TRAIN_FLAGS, "--seed", "7", "--skip-val",
-                     "--out", str(again)]) == 0
+    out = federation / "train_ffe_resumed"
+    one_round = [f if f != "2" or i != 1 else "1" for i, f in enumerate(TRAIN_FLAGS)]  # --rounds 1
+    assert one_round[:2] == ["--rounds", "1"]
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *one_round, "--seed", "7", "--skip-val",
+                     "--out", str(out)]) == 0
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *TRAIN_FLAGS, "--seed", "7", "--skip-val", "--resume",
+                     "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2] and load_state(out)["round"] == 2
+    events = (out / "events.jsonl").read_text()
+    assert "resuming after round 1 of 2" in events and "round 1/2" not in events
+    ckpt = torch.load(_site_folder(federation, "901") / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["current_epoch"] == 2  # the site continued its own nnU-Net epoch counter
     for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
-        a, b = _global_weights(first, name), _global_weights(again, name)
+        a, b = _global_weights(first, name), _global_weights(out, name)
         assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a), name
-    assert _losses(first) == _losses(again)
+    assert _losses(first) == _losses(out)
 
 
 def test_asym_training_end_to_end(federation: Path) -> None:
