@@ -58,9 +58,9 @@ def test_cli_parses_the_commands() -> None:
 
     a = build_parser().parse_args(["benchmark", "901 902", "-c", "2d", "--external", "903", "--folds", "0 1",
                                    "--rounds", "3", "--iterations-per-round", "5", "--methods", "local,ffe",
-                                   "--out", "x"])
-    assert (a.sites, a.external, a.folds, a.rounds, a.iterations_per_round, a.methods) == \
-        ("901 902", "903", "0 1", 3, 5, "local,ffe")
+                                   "--repeats", "3", "--seed", "10", "--out", "x"])
+    assert (a.sites, a.external, a.folds, a.rounds, a.iterations_per_round, a.methods, a.repeats, a.seed) == \
+        ("901 902", "903", "0 1", 3, 5, "local,ffe", 3, 10)
     a = build_parser().parse_args(["evaluate", "-d", "901", "-c", "2d", "-f", "0 1", "--out", "x"])
     assert a.f == ["0 1"]
     a = build_parser().parse_args(["convert", "retina-vessels", "src", "--out", "r", "--first-id", "201",
@@ -68,13 +68,15 @@ def test_cli_parses_the_commands() -> None:
     assert (a.collection, a.first_id, a.downsample) == ("retina-vessels", 201, 4)
 
 
-def test_benchmark_end_to_end(raw: Path, tmp_path: Path) -> None:
+def test_benchmark_end_to_end(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fednnunet.evaluation.report import evaluate_predictions
 
+    # the README's environment: stock nnU-Net planning (local) must not die on torch.set_num_threads(0)
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     events: list[dict] = []
     out = tmp_path / "bench"
     results = run_benchmark(raw, ["901", "902"], "2d", out, folds=[0], rounds=1, iterations_per_round=2,
-                            methods=("local", "ffe"), progress=events.append)
+                            methods=("local", "ffe"), progress=events.append, seed=3)
 
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["methods"].keys() == {"local", "ffe"}
@@ -89,21 +91,26 @@ def test_benchmark_end_to_end(raw: Path, tmp_path: Path) -> None:
             assert 0.0 <= entry["dsc"] <= 1.0 and math.isfinite(entry["hd95"]) and entry["hd95"] >= 0
             # an independent evaluation of the saved predictions gives the same numbers
             d = resolve_sites(raw, [site])[0]
-            again = evaluate_predictions(out / method / "predictions" / site, d.folder / "labelsTr",
+            again = evaluate_predictions(out / method / "repeat_0" / "predictions" / site, d.folder / "labelsTr",
                                          d.folder / "dataset.json")
             assert again["dsc"] == pytest.approx(entry["dsc"]) and again["hd95"] == pytest.approx(entry["hd95"])
     assert "ffe_vs_local" in on_disk["wilcoxon"]
     assert on_disk["wilcoxon"]["ffe_vs_local"]["sites"]["SiteA"]["n"] == len(splits["SiteA"])
     assert results["methods"]["ffe"]["SiteA"]["dsc"] == pytest.approx(on_disk["methods"]["ffe"]["SiteA"]["dsc"])
+    # one repeat, seeded: kept as scored, and the paired interval of FFE vs local over the cases
+    assert [r["seed"] for r in on_disk["repeats"]] == [3] and on_disk["budget"]["seeds"] == [3]
+    interval = on_disk["intervals"]["ffe_vs_local"]["sites"]["SiteA"]
+    assert interval["n_repeats"] == 1 and interval["ci_low"] <= interval["mean_diff"] <= interval["ci_high"]
 
     md = (out / "results.md").read_text()
     assert "| Method | SiteA | SiteB |" in md and "| Local |" in md and "| FFE |" in md and "Wilcoxon" in md
+    assert "| FFE − Local |" in md
     for png in ("dsc.png", "training_curves.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     # each method had its own nnU-Net roots: ordinary results folders in both
     for method in ("local", "ffe"):
-        assert (out / method / "nnUNet_results" / "Dataset901_SiteA" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0"
-                / "checkpoint_final.pth").is_file()
+        assert (out / method / "repeat_0" / "nnUNet_results" / "Dataset901_SiteA" / "nnUNetTrainer__nnUNetPlans__2d"
+                / "fold_0" / "checkpoint_final.pth").is_file()
     # progress: method, site, fold and round, with a time estimate
     assert any(e["method"] == "ffe" and e["round"] == "1/1" and e["fold"] == 0 for e in events)
     assert any(e["method"] == "local" and e["site"] == "SiteB" and e["round"] == "1/1" for e in events)

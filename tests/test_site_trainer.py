@@ -178,7 +178,8 @@ _DRIVER = textwrap.dedent('''
         kwargs = dict(dataset=DATASET_ID, configuration="2d", fold=0, device="cpu", total_epochs=3,
                       iterations_per_epoch=3, val_iterations=2, num_workers=0)
         start = time.perf_counter()
-        st = SiteTrainer(**kwargs)
+        st = SiteTrainer(seed=5, **kwargs)
+        seed5_init = st.get_weights()
         report["build_seconds"] = st.build_seconds
         report["build_seconds_with_imports"] = time.perf_counter() - start
         report["output_folder"] = str(st.output_folder)
@@ -237,7 +238,7 @@ _DRIVER = textwrap.dedent('''
         report["latest_path"] = str(latest)
         saved_weights = st.get_weights()
         st.close()
-        st2 = SiteTrainer(continue_training=True, **kwargs)
+        st2 = SiteTrainer(continue_training=True, seed=5, **kwargs)
         report["resumed_epoch"] = st2.current_epoch
         report["resumed_weights_equal"] = max_abs_diff(saved_weights, st2.get_weights()) == 0.0
         report["resumed_logger_len"] = len(st2.trainer.logger.get_value("train_losses", step=None))
@@ -288,6 +289,14 @@ _DRIVER = textwrap.dedent('''
         report["pretrained_heads_not_loaded"] = any(  # nnU-Net never transfers the segmentation heads
             not np.array_equal(w3[k], v) for k, v in final.items() if ".seg_layers." in k)
         st3.close()
+
+        # the same seed, the same initial network; another seed, another one
+        seed_checks_started = time.perf_counter()
+        for seed, key in ((5, "seed_same_init"), (6, "seed_other_init_differs")):
+            st4 = SiteTrainer(seed=seed, **kwargs)
+            report[key] = (max_abs_diff(seed5_init, st4.get_weights()) == 0.0) == (seed == 5)
+            st4.close()
+        report["seed_checks_seconds"] = time.perf_counter() - seed_checks_started
         with open(report_path, "w") as f:
             json.dump(report, f, indent=1)
 
@@ -345,6 +354,13 @@ def test_run_epoch_metrics_epoch_counter_and_poly_lr(site_run: dict) -> None:
         assert m["lr"] == pytest.approx(expected_lr, rel=1e-12)
         if "optimizer_lr" in m:
             assert m["optimizer_lr"] == pytest.approx(expected_lr, rel=1e-12)
+
+
+def test_the_seed_decides_the_initial_network(site_run: dict) -> None:
+    """A trainer built later in the same process with the same seed starts from the same network, with another seed
+    from another one (that the same seed repeats a whole federated run bit for bit, through a resume, is
+    test_training.py's test_seeded_run_repeated_through_a_resume_is_bit_for_bit_the_same)."""
+    assert site_run["seed_same_init"] and site_run["seed_other_init_differs"]
 
 
 def test_save_latest_and_resume(site_run: dict) -> None:

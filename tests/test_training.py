@@ -1,7 +1,8 @@
 """Federated training: pure pieces (options, server state) and end-to-end runs with real Flower processes.
 
-The end-to-end tests share one planned 2-site synthetic 2D federation (module fixture): FFE planning, a 2-round
-FedAvg run, find_best_configuration and the nnUNetv2_predict it prints run at a site, then AsymFedAvg planning and a 2-round asym run.
+The end-to-end tests share one planned 2-site synthetic 2D federation (module fixture): FFE planning, a seeded
+2-round FedAvg run, find_best_configuration and the nnUNetv2_predict it prints run at a site, the seeded run
+repeated as one round plus a resume (bit for bit the same), then AsymFedAvg planning and a 2-round asym run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def test_train_options_round_trip_and_checks() -> None:
         TrainOptions(folds=["x"])
     with pytest.raises(ValueError):
         TrainOptions(validation_only=True, resume=True)
+    with pytest.raises(ValueError, match="seed"):
+        TrainOptions(seed=-1)
 
 
 @pytest.mark.parametrize("asym", [False, True])
@@ -112,7 +115,7 @@ def test_ffe_training_end_to_end(federation: Path) -> None:
     import torch
 
     out = federation / "train_ffe"
-    assert _run_cli(["run", "train", "901 902", "2d", "0", *TRAIN_FLAGS, "--out", str(out)]) == 0
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *TRAIN_FLAGS, "--seed", "7", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["ok"] and result["rounds"] == 2 and sorted(result["sites"]) == ["901", "902"]
 
@@ -135,6 +138,26 @@ def test_ffe_training_end_to_end(federation: Path) -> None:
     assert [x["round"] for x in lines] == [1, 2]
     assert all(set(x["sites"]) == {"901", "902"} for x in lines)
     assert load_state(out)["round"] == 2 and (out / "progress.png").stat().st_size > 0
+    # the model each site received was validated before its epoch (nnU-Net's online validation): the initial
+    # model in round 1, the aggregate after round 1 in round 2, the final one after the last round
+    assert [x["delivered_model_round"] for x in lines] == [0, 1]
+    for x in lines:
+        for m in x["sites"].values():
+            assert m["delivered"]["num_val_cases"] > 0 and 0.0 <= m["delivered"]["mean_fg_dice"] <= 1.0
+    assert set(result["final_model_validation"]["sites"]) == {"901", "902"}
+    assert "(delivered " in (out / "events.jsonl").read_text()
+    # checkpoint_best.pth: the best delivered model, the same at every site and beside the global model
+    best = result["best_model"]["model_round"]
+    assert best in (0, 1, 2)
+    best_global = _weights(out / "global" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0" / "checkpoint_best.pth")
+    for dataset in ("901", "902"):
+        site_best = _weights(_site_folder(federation, dataset) / "fold_0" / "checkpoint_best.pth")
+        assert all(torch.equal(site_best[k], best_global[k]) for k in best_global)
+    state = load_state(out)
+    for key, arr in load_models(out, state, state["best"]["weights_file"])["global"].items():
+        np.testing.assert_array_equal(best_global[key].numpy(), arr)
+    shutil.copytree(out / "global", federation / "seed7" / "global")  # for test_seeded_run_repeats_bit_for_bit
+    shutil.copy(out / "metrics.jsonl", federation / "seed7")
     # the final aggregated model is the one the server saved after the last round
     saved = load_models(out, load_state(out))["global"]
     for key, arr in saved.items():
@@ -184,24 +207,44 @@ def test_find_best_configuration_then_its_commands_predict_at_a_site(federation:
     assert len(list((tmp_path / "pp").glob("*.nii.gz"))) == 1
 
 
-def test_resume_continues_at_the_next_round(federation: Path) -> None:
-    """--resume on a finished 2-round run with --rounds 3: sites continue from their own checkpoints, round 3 only."""
-    out = federation / "train_ffe"
-    if load_state(out) is None:
-        pytest.skip("needs the FFE training test")
-    flags = [f if f != "2" or i != 1 else "3" for i, f in enumerate(TRAIN_FLAGS)]  # --rounds 3
-    assert flags[:2] == ["--rounds", "3"]
-    assert _run_cli(["run", "train", "901 902", "2d", "0", *flags, "--skip-val", "--resume", "--out", str(out)]) == 0
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["round"] for x in lines] == [1, 2, 3]
-    assert load_state(out)["round"] == 3
-    events = (out / "events.jsonl").read_text()
-    assert "resuming after round 2 of 3" in events and "round 1/3" not in events
+def _global_weights(out: Path, name: str) -> dict:
+    return _weights(out / "global" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0" / name)
+
+
+def _losses(out: Path) -> list:
+    return [{s: (m["train_loss"], m["val_loss"], m["delivered"]["mean_fg_dice"])
+             for s, m in json.loads(x)["sites"].items()} for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_seeded_run_repeated_through_a_resume_is_bit_for_bit_the_same(federation: Path) -> None:
+    """The seeded FFE run of test_ffe_training_end_to_end (kept in seed7/) repeated in two legs: one round, then
+    ``--resume --rounds 2`` (a finished run extended: the sites continue from their own checkpoints, the server from
+    its state). It ends with the same final and best models bit for bit and the same losses and delivered
+    pseudo-Dice every round (CPU, --da-workers 0): the seeds and the aggregation order fix the run, and a resume
+    draws what an uninterrupted run draws. (That another seed gives another model: test_site_trainer.py.)"""
     import torch
 
+    first = federation / "seed7"
+    if not first.is_dir():
+        pytest.skip("needs the FFE training test")
+    out = federation / "train_ffe_resumed"
+    one_round = [f if f != "2" or i != 1 else "1" for i, f in enumerate(TRAIN_FLAGS)]  # --rounds 1
+    assert one_round[:2] == ["--rounds", "1"]
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *one_round, "--seed", "7", "--skip-val",
+                     "--out", str(out)]) == 0
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *TRAIN_FLAGS, "--seed", "7", "--skip-val", "--resume",
+                     "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2] and load_state(out)["round"] == 2
+    events = (out / "events.jsonl").read_text()
+    assert "resuming after round 1 of 2" in events and "round 1/2" not in events
     ckpt = torch.load(_site_folder(federation, "901") / "fold_0" / "checkpoint_final.pth", map_location="cpu",
                       weights_only=False)
-    assert ckpt["current_epoch"] == 3  # the site continued its own nnU-Net epoch counter
+    assert ckpt["current_epoch"] == 2  # the site continued its own nnU-Net epoch counter
+    for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
+        a, b = _global_weights(first, name), _global_weights(out, name)
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    assert _losses(first) == _losses(out)
 
 
 def test_asym_training_end_to_end(federation: Path) -> None:
@@ -212,11 +255,13 @@ def test_asym_training_end_to_end(federation: Path) -> None:
                      "--out", str(federation / "plan_asym")]) == 0
     out = federation / "train_asym"
     assert _run_cli(["run", "train", "901 902", "2d", "0", "--asym", "--skip-val", *TRAIN_FLAGS,
-                     "--transfer-dtype", "float16", "--out", str(out)]) == 0
+                     "--transfer-dtype", "float16", "--validate-delivered-every", "0", "--out", str(out)]) == 0
     result = json.loads((out / "result.json").read_text())
     assert result["ok"] and result["rounds"] == 2 and "global_model" not in result
     for dataset in ("901", "902"):
         assert (_site_folder(federation, dataset) / "fold_0" / "checkpoint_final.pth").is_file()
+        # no delivered-model validation: no best federated model, and no local one either
+        assert not (_site_folder(federation, dataset) / "fold_0" / "checkpoint_best.pth").exists()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["round"] for x in lines] == [1, 2]
     fractions = lines[-1]["asym_fraction_averaged"]
@@ -329,6 +374,66 @@ def test_server_loop_fedavg_weights_leave_out_and_resume(tmp_path: Path) -> None
     assert (tmp_path / "global" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth").is_file()
 
 
+@pytest.mark.parametrize("asym", [False, True])
+def test_server_keeps_the_best_delivered_model(tmp_path: Path, asym: bool) -> None:
+    """Sites report the delivered model's pseudo-Dice; the best pooled one (weighted by validation cases) is sent
+    to the sites at the end as checkpoint_best.pth, and kept in the state across a resume."""
+    from fednnunet.federation.events import EventLog
+    from fednnunet.federation.training import run_training_task
+
+    # per delivered model (the aggregate after round 0, 1, ...); pooled with 1 and 3 validation cases:
+    # 0.1, 0.6, 0.5, 0.375, 0.95: the model after round 1 is the best, though site 3 peaks after round 2
+    dice = {"1": [0.1, 0.9, 0.2, 0.3, 0.9], "3": [0.1, 0.5, 0.6, 0.4, 1.0]}
+
+    class Validating(_FakeCaller):
+        finish: tuple = ()
+
+        def _replies(self, op, configs, arrays):
+            if op == "train_validate_delivered":  # the final model: the aggregate after the last round
+                last = max(self.received)
+                return {s: ({"delivered": self.report(s, last)}, {}) for s in configs}, {}
+            replies, errors = super()._replies(op, configs, arrays)
+            for s, (result, _) in replies.items():
+                if op == "train_round" and configs[s]["validate_delivered"]:
+                    result["metrics"]["delivered"] = self.report(s, configs[s]["round"] - 1)
+            if op == "train_finish":
+                self.finish = (configs, arrays)
+            return replies, errors
+
+        @staticmethod
+        def report(site: str, model_round: int) -> dict:
+            return {"mean_fg_dice": dice[site][model_round], "pseudo_dice": [dice[site][model_round]],
+                    "val_loss": 0.5, "num_val_cases": int(site), "seconds": 0.01}
+
+    shapes = {"1": {"w": (2,)}, "3": {"w": (2,)}}
+    caller = Validating(shapes, {})
+    run_training_task(_job(tmp_path, asym), caller, EventLog(tmp_path / "events.jsonl"))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["delivered_mean_fg_dice"] for x in lines] == pytest.approx([0.1, 0.6, 0.5])
+    assert [x["best"]["model_round"] for x in lines] == [0, 1, 1]
+    configs, arrays = caller.finish
+    assert all(c["best"] == "sent" for c in configs.values())
+    for site in shapes:  # the model the sites received in round 2 (FFE: (1 * 2 + 3 * 4) / 4 for both)
+        np.testing.assert_array_equal(arrays[site]["best/w"], caller.received[2][site]["w"])
+    state = load_state(tmp_path)
+    assert state["best"]["model_round"] == 1 and state["best"]["score"] == pytest.approx(0.6)
+    saved_best = load_models(tmp_path, state, state["best"]["weights_file"])
+    np.testing.assert_array_equal(saved_best["1" if asym else "global"]["w"], caller.received[2]["1"]["w"])
+    if not asym:
+        best_ckpt = tmp_path / "global" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0" / "checkpoint_best.pth"
+        np.testing.assert_array_equal(_weights(best_ckpt)["w"].numpy(), caller.received[2]["1"]["w"])
+    assert "checkpoint_best.pth: the delivered model after round 1" in (tmp_path / "events.jsonl").read_text()
+
+    # one more round: the final model (pooled 0.95) becomes the best; the sites save the final one as best
+    caller2 = Validating(shapes, {})
+    run_training_task(_job(tmp_path, asym, rounds=4, resume=True), caller2, EventLog(tmp_path / "events.jsonl"))
+    configs, arrays = caller2.finish
+    assert all(c["best"] == "final" for c in configs.values()) and not any("best/w" in a for a in arrays.values())
+    state = load_state(tmp_path)
+    assert state["best"]["model_round"] == 4 and sorted(p.name for p in (tmp_path / "state").iterdir()) == [
+        "best_0004.npz", "round_0004.npz", "state.json"]
+
+
 def test_server_loop_min_sites_and_rejected_update(tmp_path: Path) -> None:
     from fednnunet.federation.events import EventLog
     from fednnunet.federation.training import run_training_task
@@ -388,7 +493,7 @@ def test_killing_a_site_mid_run_does_not_stop_the_run(federation: Path, tmp_path
     out = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "fednnunet"), "run", "train", "901 902", "2d", "0", "--rounds", "4",
            "--iterations-per-round", "2", "--val-iterations", "1", "--min-sites", "1", "--skip-val",
-           "--da-workers", "0", "--out", str(out)]
+           "--da-workers", "0", "--validate-delivered-every", "0", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -421,7 +526,7 @@ def test_crash_of_the_whole_federation_then_resume(federation: Path, tmp_path: P
     out = tmp_path / "run"
     cmd = [str(Path(sys.executable).parent / "fednnunet"), "run", "train", "901 902", "2d", "0", "--rounds", "4",
            "--iterations-per-round", "2", "--val-iterations", "1", "--skip-val", "--da-workers", "0",
-           "--out", str(out)]
+           "--validate-delivered-every", "0", "--out", str(out)]
     # as in a terminal: a test run started in the background (`cmd &` in a script) inherits SIGINT ignored,
     # which Python keeps, and the Ctrl-C below would then do nothing
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -137,7 +137,8 @@ def _train_options(args: argparse.Namespace):
             skip_validation=args.skip_val, rounds=args.rounds, iterations_per_round=args.iterations_per_round,
             val_iterations=args.val_iterations, epochs_per_round=args.epochs_per_round, weighting=args.weighting,
             min_sites=args.min_sites, round_timeout_s=args.round_timeout, resume=args.resume,
-            asym_scope=args.asym_scope, da_workers=args.da_workers, transfer_dtype=args.transfer_dtype)
+            asym_scope=args.asym_scope, da_workers=args.da_workers, transfer_dtype=args.transfer_dtype,
+            seed=args.seed, validate_delivered_every=args.validate_delivered_every)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -478,6 +479,11 @@ def _add_train_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--transfer-dtype", choices=("float32", "float16"), default="float32",
                    help="precision of the weights sent each round (float16 halves the bytes)")
     t.add_argument("--da-workers", type=int, default=None, help="nnUNet_n_proc_DA for every site")
+    t.add_argument("--seed", type=int, default=None,
+                   help="seed every site (bit-for-bit repeatable on CPU with --da-workers 0); default: unseeded")
+    t.add_argument("--validate-delivered-every", type=int, default=1, metavar="N",
+                   help="validate the model the sites receive every N rounds, and the final one (0: never; then "
+                        "no checkpoint_best.pth)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -101,14 +101,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     launched = bool(sys.argv) and Path(sys.argv[0]).name in ("fednnunet", "cli.py")
     command = "fednnunet " + shlex.join(sys.argv[1:]) if launched else None
     print(f"benchmark of {', '.join(_ids(args.sites))} ({args.c}), methods {args.methods}, folds {args.folds}, "
-          f"{args.rounds} round(s) x {args.iterations_per_round} iteration(s); output {Path(args.out).resolve()}",
-          flush=True)
+          f"{args.rounds} round(s) x {args.iterations_per_round} iteration(s), {args.repeats} repeat(s); output "
+          f"{Path(args.out).resolve()}", flush=True)
     try:
         results = run_benchmark(
             raw, _ids(args.sites), args.c, Path(args.out), external=_ids(args.external), folds=_ids(args.folds),
             rounds=args.rounds, iterations_per_round=args.iterations_per_round,
             methods=[m for m in args.methods.replace(" ", ",").split(",") if m], val_iterations=args.val_iterations,
-            progress=lambda e: print(format_progress(e), flush=True), command=command)
+            progress=lambda e: print(format_progress(e), flush=True), command=command, seed=args.seed,
+            repeats=args.repeats)
     except (BenchmarkError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -162,6 +163,10 @@ def add_commands(sub) -> None:
     p.add_argument("--val-iterations", type=int, default=None, help="online validation iterations per epoch")
     p.add_argument("--methods", default="local,centralized,ffe,asym",
                    help="comma separated: local, centralized, ffe, asym; also ffe16 (FFE with 16-bit transfer)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="train every method R times (seeds S..S+R-1); results.md: mean ± sd, paired 95%% intervals")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed S of the first repeat (default: unseeded with one repeat, 0 with several)")
     p.add_argument("--raw", help="nnU-Net raw folder of the sites (default: $nnUNet_raw); never written")
     p.add_argument("--out", required=True, help="output folder (each method gets its own nnU-Net roots inside)")
     p.set_defaults(func=cmd_benchmark)

@@ -11,6 +11,7 @@ from fednnunet.aggregation.fedavg import (
     asym_fedavg,
     fedavg,
 )
+from fednnunet.aggregation.ordered import SiteOrderedAdds
 from fednnunet.aggregation.validation import (
     ModelSpec,
     UpdateRejected,
@@ -23,6 +24,7 @@ __all__ = [
     "AsymReport",
     "ModelSpec",
     "SiteAsymStats",
+    "SiteOrderedAdds",
     "StreamingAsymAverager",
     "StreamingAverager",
     "UpdateRejected",

@@ -61,7 +61,8 @@ def bench_overhead(sites: int = 3, rounds: int = 3, model: str = "tiny", iterati
     out = work / f"train-{model}-{transfer_dtype}"
     run_timed([fednnunet, "run", "train", " ".join(ids), "2d", "0", "-p", plans, "--rounds", str(rounds),
             "--iterations-per-round", str(iterations), "--val-iterations", "1", "--skip-val", "--da-workers", "0",
-            "--transfer-dtype", transfer_dtype, "--out", str(out)], env, work / f"{out.name}.log", 3600)
+            "--transfer-dtype", transfer_dtype, "--validate-delivered-every", "0",  # transport only, as before
+            "--out", str(out)], env, work / f"{out.name}.log", 3600)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result = summarize(records, sites=sites, model=model, iterations=iterations, transfer_dtype=transfer_dtype,
                        work=work)

@@ -4,11 +4,12 @@ splits with the same budget, cross-validated on the internal sites and ensembled
 Layout of ``out`` (every method has its own nnU-Net roots, because every method writes models into the same
 site dataset names; the raw data are shared)::
 
-    out/<method>/nnUNet_preprocessed/   plans, preprocessed data, splits_final.json
-    out/<method>/nnUNet_results/        ordinary nnU-Net results folders (one per site; one pooled for centralized)
-    out/<method>/runs/fold_X/           metrics.jsonl (per round, per site), federation logs (ffe, asym)
-    out/<method>/predictions/<site>/    cross-validation predictions of the site's held-out cases (all folds)
-    out/<method>/predictions/external/<site>/<model site>/   fold-ensemble predictions of an external site
+    out/<method>/nnUNet_preprocessed/   plans, preprocessed data, splits_final.json (shared by the repeats)
+    out/<method>/repeat_K/              one training repeat (K = 0 .. repeats - 1, seed + K):
+        nnUNet_results/                 ordinary nnU-Net results folders (one per site; one pooled for centralized)
+        runs/fold_X/                    metrics.jsonl (per round, per site), federation logs (ffe, asym)
+        predictions/<site>/             cross-validation predictions of the site's held-out cases (all folds)
+        predictions/external/<site>/<model site>/   fold-ensemble predictions of an external site
     out/centralized/nnUNet_raw/         links to the site datasets plus the pooled dataset (cases ``s<id>_<case>``)
     out/results.json, results.md, dsc.png, training_curves.png
 
@@ -28,6 +29,12 @@ preprocessed folder, and the pooled dataset gets the union. Same budget: every m
 of ``iterations_per_round`` iterations per fold (one federated round = one nnU-Net epoch at every site; the
 centralized model therefore sees as many iterations as ONE site, on the pooled data, as in the paper where
 all methods train the same number of epochs).
+
+Repeats (``repeats``, ``seed``): every method is trained R times with seeds S .. S+R-1 on the same splits and
+plans; ``results.json`` keeps every repeat, ``results.md`` shows mean +- sd over the repeats and, for FFE vs
+centralized and FFE vs local, the paired DSC difference with a 95 % interval over cases and repeats
+(``evaluation.intervals``). A site's seed stream is the same in every method (key: its dataset id), so repeat K of
+local and of FFE start a site from the same draws.
 
 External sites and per-site models: FFE has one global model (every site's checkpoint is the same), the
 centralized method one model. Local training and AsymFedAvg leave one model per site; an external case is then
@@ -231,9 +238,9 @@ def _env(base: Path, raw: Path, **extra: str) -> dict[str, str]:
     env["nnUNet_preprocessed"] = str(base / "nnUNet_preprocessed")
     env["nnUNet_results"] = str(base / "nnUNet_results")
     env.setdefault("nnUNet_def_n_proc", "1")
+    env.update(extra)
     for v in ("nnUNet_preprocessed", "nnUNet_results"):
         Path(env[v]).mkdir(parents=True, exist_ok=True)
-    env.update(extra)
     return env
 
 
@@ -256,9 +263,9 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
                   external: Sequence[str] = (), folds: Sequence[int | str] = (0,), rounds: int = 10,
                   iterations_per_round: int = 250, methods: Sequence[str] = METHODS,
                   val_iterations: int | None = None, progress: Callable[[dict], None] | None = None,
-                  command: str | None = None) -> dict[str, Any]:
+                  command: str | None = None, seed: int | None = None, repeats: int = 1) -> dict[str, Any]:
     """Runs the protocol (module docstring) and writes ``out/results.json``, ``results.md``, ``dsc.png`` and
-    ``training_curves.png``; returns the results dict (``evaluation.report.build_results`` schema).
+    ``training_curves.png``; returns the results dict (``evaluation.report.build_repeated_results`` schema).
 
     Args:
         raw: the nnU-Net raw folder that holds the site datasets (read only; never written).
@@ -272,6 +279,10 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
         val_iterations: nnU-Net's online validation iterations per epoch (default: iterations / 5, 1..50).
         progress: called with a dict per event (``format_progress`` makes a line of it).
         command: the command line to record (default: the Python call).
+        seed: seeds every method's training (``fednnunet.seeding``; each site and the pooled dataset draw their own
+            stream); None: unseeded, as nnU-Net (with ``repeats`` > 1: 0).
+        repeats: every method is trained (and evaluated) this many times, with seeds ``seed .. seed + repeats - 1``,
+            on the same splits and plans (planned once per method).
     """
     from fednnunet.evaluation.predict import normalize_folds
 
@@ -284,8 +295,11 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
     folds = normalize_folds(list(folds))
     if any(f == "all" or not 0 <= int(f) < 5 for f in folds):
         raise BenchmarkError(f"folds must be in 0..4 (cross-validation), got {folds}")
-    if rounds < 1 or iterations_per_round < 1:
-        raise BenchmarkError("rounds and iterations_per_round must be >= 1")
+    if rounds < 1 or iterations_per_round < 1 or repeats < 1:
+        raise BenchmarkError("rounds, iterations_per_round and repeats must be >= 1")
+    if seed is not None and seed < 0:
+        raise BenchmarkError(f"seed must be >= 0, got {seed}")
+    seeds: list[int | None] = [seed] if seed is None and repeats == 1 else [(seed or 0) + k for k in range(repeats)]
     val_iterations = val_iterations or max(1, min(50, iterations_per_round // 5))
     internal = resolve_sites(raw, sites)
     ext = resolve_sites(raw, external) if external else []
@@ -298,22 +312,27 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
     out.mkdir(parents=True, exist_ok=True)
 
     splits = {d.id: site_splits(d.folder) for d in internal}
-    prog = _Progress(progress, len(methods) * len(folds))
+    prog = _Progress(progress, len(methods) * len(folds) * repeats)
     budget = {"configuration": configuration, "folds": folds, "rounds": rounds,
               "iterations_per_round": iterations_per_round, "val_iterations_per_round": val_iterations,
-              "iterations_per_fold": rounds * iterations_per_round}
+              "iterations_per_fold": rounds * iterations_per_round, "repeats": repeats, "seeds": seeds}
     ctx = _Context(raw, out, configuration, internal, ext, folds, rounds, iterations_per_round, val_iterations,
                    splits, prog)
-    per_method: dict[str, dict[str, list]] = {}
-    curves: dict[str, Path] = {}
-    timings: dict[str, float] = {}
-    for method in methods:
-        t0 = time.time()
-        per_method[method], curves[method] = getattr(ctx, f"_run_{method}")()
-        timings[method] = round(time.time() - t0, 1)
-        prog(f"done in {timings[method]:.0f} s", method=method)
+    per_repeat: list[dict[str, dict[str, list]]] = []
+    curves: dict[str, Path] = {}  # the first repeat's
+    timings: dict[str, float] = {m: 0.0 for m in methods}
+    for k, repeat_seed in enumerate(seeds):
+        ctx.repeat, ctx.seed = k, repeat_seed
+        per_method: dict[str, dict[str, list]] = {}
+        for method in methods:
+            t0 = time.time()
+            per_method[method], curve = getattr(ctx, f"_run_{method}")()
+            curves.setdefault(method, curve)
+            timings[method] = round(timings[method] + time.time() - t0, 1)
+            prog(f"repeat {k + 1}/{repeats} (seed {repeat_seed}) done in {time.time() - t0:.0f} s", method=method)
+        per_repeat.append(per_method)
 
-    from fednnunet.evaluation.report import (build_results, plot_dsc, plot_training_curves, write_markdown,
+    from fednnunet.evaluation.report import (build_repeated_results, plot_dsc, plot_training_curves, write_markdown,
                                              write_results_json)
 
     budget["wall_seconds"] = round(time.time() - started, 1)
@@ -321,11 +340,11 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
     if command is None:
         command = (f"run_benchmark(raw={str(raw)!r}, sites={[d.key for d in internal]}, configuration="
                    f"{configuration!r}, external={[d.key for d in ext]}, folds={folds}, rounds={rounds}, "
-                   f"iterations_per_round={iterations_per_round}, methods={methods})")
-    results = build_results(per_method, command, budget, external_sites=[d.key for d in ext])
+                   f"iterations_per_round={iterations_per_round}, methods={methods}, seed={seed}, repeats={repeats})")
+    results = build_repeated_results(per_repeat, seeds, command, budget, external_sites=[d.key for d in ext])
     results["sites"] = {d.key: {"id": d.id, "dataset": d.name, "external": d in ext} for d in internal + ext}
-    results["predictions"] = {m: {d.key: _prediction_folders(out / m / "predictions", d, d in ext)
-                                  for d in internal + ext} for m in methods}
+    results["predictions"] = {m: {d.key: [f for k in range(repeats) for f in _prediction_folders(
+        out / m / f"repeat_{k}" / "predictions", d, d in ext)] for d in internal + ext} for m in methods}
     write_results_json(results, out / "results.json")
     write_markdown(results, out / "results.md")
     with open(out / "results.md", "a") as f:
@@ -344,11 +363,21 @@ class _Context:
         self.ext: list[SiteData] = ext
         self.folds, self.rounds, self.iterations, self.val_iterations = folds, rounds, iterations, val_iterations
         self.splits, self.prog = splits, prog
+        self.repeat, self.seed = 0, None  # set per training repeat by run_benchmark
 
     # ----------------------------------------------------------------------------------------- helpers
 
     def _base(self, method: str) -> Path:
+        """The method's folder: raw links (centralized), preprocessed data and plans, shared by its repeats."""
         return self.out / method
+
+    def _run_dir(self, method: str) -> Path:
+        """This repeat's folder of the method: nnU-Net results, runs (metrics, logs) and predictions."""
+        return self._base(method) / f"repeat_{self.repeat}"
+
+    def _env(self, method: str, raw: Path) -> dict[str, str]:
+        """The method's nnU-Net roots: its preprocessed folder, this repeat's results folder."""
+        return _env(self._base(method), raw, nnUNet_results=str(self._run_dir(method) / "nnUNet_results"))
 
     def _write_splits(self, method: str, datasets: Sequence[SiteData]) -> None:
         pre = self._base(method) / "nnUNet_preprocessed"
@@ -356,7 +385,7 @@ class _Context:
             _write_json(pre / d.name / "splits_final.json", self.splits[d.id])
 
     def _model_folder(self, method: str, dataset_name: str) -> Path:
-        return (self._base(method) / "nnUNet_results" / dataset_name /
+        return (self._run_dir(method) / "nnUNet_results" / dataset_name /
                 TRAINER_DIR.format(configuration=self.configuration))
 
     def _on_worker_event(self, method: str) -> Callable[[dict], None]:
@@ -367,18 +396,23 @@ class _Context:
         return on
 
     def _plan_stock(self, method: str, env: dict[str, str], ids: Sequence[int]) -> None:
+        if self.repeat > 0:
+            return  # planned in the first repeat: plans and preprocessing do not depend on the training seed
         self.prog(f"nnUNetv2_plan_and_preprocess {' '.join(map(str, ids))}", method=method)
+        from fednnunet.planning.site_planning import planner_env
+
         _stream([_bin("nnUNetv2_plan_and_preprocess"), "-d", *map(str, ids), "-c", self.configuration, "-np", "1"],
-                env, f"{method}: nnUNetv2_plan_and_preprocess", log_file=self._base(method) / "plan.log")
+                planner_env(env), f"{method}: nnUNetv2_plan_and_preprocess", log_file=self._base(method) / "plan.log")
 
     def _train_stock(self, method: str, env: dict[str, str], datasets: Sequence[SiteData]) -> Path:
         """Trains every dataset alone, fold by fold, in a worker process; returns the first fold's metrics file."""
         first = None
         for fold in self.folds:
-            run = self._base(method) / "runs" / f"fold_{fold}"
+            run = self._run_dir(method) / "runs" / f"fold_{fold}"
             spec = {"datasets": [[d.id, d.key] for d in datasets], "configuration": self.configuration,
                     "fold": fold, "rounds": self.rounds, "iterations": self.iterations,
-                    "val_iterations": self.val_iterations, "metrics_file": str(run / "metrics.jsonl")}
+                    "val_iterations": self.val_iterations, "metrics_file": str(run / "metrics.jsonl"),
+                    "seed": self.seed}
             self.prog("training", method=method, fold=fold)
             _worker("train", spec, run / "train_spec.json", env, f"{method}: training fold {fold}",
                     self._on_worker_event(method))
@@ -395,25 +429,27 @@ class _Context:
                 self.prog(text.split("] ", 1)[-1][:160], method=method, fold=fold, round_=f"{r}/{n}",
                           fraction_of_unit=r / max(n, 1) * 0.95)
         _stream([sys.executable, "-m", "fednnunet.cli", *args], env, step, line,
-                self._base(method) / "federation.log")
+                self._run_dir(method) / "federation.log")
 
     def _train_federated(self, method: str, env: dict[str, str], asym: bool, train_args: Sequence[str] = ()) -> Path:
         ids = " ".join(str(d.id) for d in self.internal)
-        self.prog("federated plan_and_preprocess" + (" --asym" if asym else ""), method=method)
-        # --no-check: stock nnUNetv2_plan_and_preprocess (local, centralized) verifies nothing, so the federated
-        # methods skip the per-case check too and every method does the same work.
-        self._fednnunet(method, env, ["run", "plan_and_preprocess", ids, "-c", self.configuration, "--no-check",
-                                      "--out", str(self._base(method) / "runs" / "plan_and_preprocess"),
-                                      *(["--asym"] if asym else [])], f"{method}: plan_and_preprocess")
-        self._write_splits(method, self.internal)
+        if self.repeat == 0:  # later repeats train on the same plans
+            self.prog("federated plan_and_preprocess" + (" --asym" if asym else ""), method=method)
+            # --no-check: stock nnUNetv2_plan_and_preprocess (local, centralized) verifies nothing, so the
+            # federated methods skip the per-case check too and every method does the same work.
+            self._fednnunet(method, env, ["run", "plan_and_preprocess", ids, "-c", self.configuration, "--no-check",
+                                          "--out", str(self._base(method) / "runs" / "plan_and_preprocess"),
+                                          *(["--asym"] if asym else [])], f"{method}: plan_and_preprocess")
+            self._write_splits(method, self.internal)
         first = None
         for fold in self.folds:
-            run = self._base(method) / "runs" / f"fold_{fold}"
+            run = self._run_dir(method) / "runs" / f"fold_{fold}"
             self.prog("federated training", method=method, fold=fold)
             self._fednnunet(method, env, [
                 "run", "train", ids, self.configuration, str(fold), "--rounds", str(self.rounds),
                 "--iterations-per-round", str(self.iterations), "--val-iterations", str(self.val_iterations),
-                "--skip-val", "--da-workers", "0", "--out", str(run), *(["--asym"] if asym else []), *train_args],
+                "--skip-val", "--da-workers", "0", "--out", str(run), *(["--asym"] if asym else []),
+                *([] if self.seed is None else ["--seed", str(self.seed)]), *train_args],
                 f"{method}: training fold {fold}", fold=fold)
             self.prog.unit_done()
             metrics = next(iter(sorted(run.rglob("metrics.jsonl"))), run / "metrics.jsonl")
@@ -423,7 +459,7 @@ class _Context:
 
     def _predict(self, method: str, env: dict[str, str], jobs: list[dict]) -> None:
         self.prog(f"predicting {sum(len(j['cases']) for j in jobs)} case(s)", method=method)
-        _worker("predict", {"jobs": jobs}, self._base(method) / "predict_spec.json", env,
+        _worker("predict", {"jobs": jobs}, self._run_dir(method) / "predict_spec.json", env,
                 f"{method}: prediction", self._on_worker_event(method))
 
     def _cv_jobs(self, method: str, model_of: Callable[[SiteData], Path]) -> list[dict]:
@@ -435,14 +471,14 @@ class _Context:
                 cases = self.splits[d.id][int(fold)]["val"]
                 jobs.append({"model_folder": str(model_of(d)), "folds": [fold],
                              "cases": case_input_files(d.folder, cases),
-                             "output": str(self._base(method) / "predictions" / d.key), "site": d.key})
+                             "output": str(self._run_dir(method) / "predictions" / d.key), "site": d.key})
         return jobs
 
     def _ext_jobs(self, method: str, models: dict[str, Path]) -> list[dict]:
         from fednnunet.evaluation.predict import case_input_files
 
         return [{"model_folder": str(folder), "folds": list(self.folds), "cases": case_input_files(e.folder),
-                 "output": str(self._base(method) / "predictions" / "external" / e.key / model_key),
+                 "output": str(self._run_dir(method) / "predictions" / "external" / e.key / model_key),
                  "site": e.key}
                 for e in self.ext for model_key, folder in models.items()]
 
@@ -455,21 +491,21 @@ class _Context:
         out: dict[str, list] = {}
         for e in self.ext:
             by_model = {k: {c["case"]: c for c in self._evaluate(
-                self._base(method) / "predictions" / "external" / e.key / k, e)} for k in model_keys}
+                self._run_dir(method) / "predictions" / "external" / e.key / k, e)} for k in model_keys}
             out[e.key] = _combine_models(by_model)
         return out
 
     def _finish_per_site(self, method: str, env: dict[str, str], model_of: Callable[[SiteData], Path],
                          ext_models: dict[str, Path]) -> dict[str, list]:
         self._predict(method, env, self._cv_jobs(method, model_of) + self._ext_jobs(method, ext_models))
-        res = {d.key: self._evaluate(self._base(method) / "predictions" / d.key, d) for d in self.internal}
+        res = {d.key: self._evaluate(self._run_dir(method) / "predictions" / d.key, d) for d in self.internal}
         res.update(self._evaluate_external(method, list(ext_models)))
         return res
 
     # ----------------------------------------------------------------------------------------- methods
 
     def _run_local(self) -> tuple[dict, Path]:
-        env = _env(self._base("local"), self.raw)
+        env = self._env("local", self.raw)
         self._plan_stock("local", env, [d.id for d in self.internal])
         self._write_splits("local", self.internal)
         curves = self._train_stock("local", env, self.internal)
@@ -478,7 +514,7 @@ class _Context:
 
     def _run_ffe(self, asym: bool = False, method: str = "ffe", train_args: Sequence[str] = ()) -> tuple[dict, Path]:
         method = "asym" if asym else method
-        env = _env(self._base(method), self.raw)
+        env = self._env(method, self.raw)
         curves = self._train_federated(method, env, asym, train_args)
         models = {d.key: self._model_folder(method, d.name) for d in self.internal}
         # FFE: every site's final checkpoint is the global model; one of them predicts the external sites
@@ -507,27 +543,28 @@ class _Context:
             pooled_id = next(i for i in range(999, 0, -1) if i not in used)
             pooled = pool_datasets(craw, [d.id for d in self.internal], pooled_id, name="Pooled")
         pooled_id = int(pooled.name[7:10])
-        env = _env(base, craw)
+        env = self._env("centralized", craw)
         self._plan_stock("centralized", env, [pooled_id])
         _write_json(base / "nnUNet_preprocessed" / pooled.name / "splits_final.json", pooled_splits(self.splits))
         pooled_site = SiteData("Pooled", pooled_id, pooled.name, pooled)
         curves = self._train_stock("centralized", env, [pooled_site])
         model = self._model_folder("centralized", pooled.name)
+        run_dir = self._run_dir("centralized")
         from fednnunet.evaluation.predict import case_input_files
 
         jobs = [{"model_folder": str(model), "folds": [fold],
                  "cases": case_input_files(pooled, pooled_splits(self.splits)[int(fold)]["val"]),
-                 "output": str(base / "predictions" / "pooled"), "site": "Pooled"} for fold in self.folds]
+                 "output": str(run_dir / "predictions" / "pooled"), "site": "Pooled"} for fold in self.folds]
         self._predict("centralized", env, jobs + self._ext_jobs("centralized", {"pooled": model}))
         # The pooled predictions go back to their sites under the sites' own case ids (predictions/<site>/, as
         # for every other method), so they are scored against the sites' own labels and can be re-scored alike.
         res: dict[str, list] = {}
         ending = json.loads((pooled / "dataset.json").read_text())["file_ending"]
         for d in self.internal:
-            site_dir = base / "predictions" / d.key
+            site_dir = run_dir / "predictions" / d.key
             site_dir.mkdir(parents=True, exist_ok=True)
             prefix = f"s{d.id}_"
-            for f in sorted((base / "predictions" / "pooled").glob(f"{prefix}*{ending}")):
+            for f in sorted((run_dir / "predictions" / "pooled").glob(f"{prefix}*{ending}")):
                 shutil.copyfile(f, site_dir / f.name[len(prefix):])
             res[d.key] = self._evaluate(site_dir, d)
         res.update(self._evaluate_external("centralized", ["pooled"]))
@@ -538,8 +575,8 @@ _NOTES = """
 Notes:
 
 - Internal sites: cross-validation; every case is predicted by the model of the fold that held it out
-  (`<method>/predictions/<site>/`). External sites: all cases, predicted by the ensemble of the trained folds
-  (`<method>/predictions/external/<site>/<model>/`). Local training and AsymFedAvg leave one model per internal
+  (`<method>/repeat_K/predictions/<site>/`). External sites: all cases, predicted by the ensemble of the trained
+  folds (`<method>/repeat_K/predictions/external/<site>/<model>/`). Local training and AsymFedAvg leave one model per internal
   site: an external case's DSC / HD95 is then the mean over those models (each model's value is in
   `results.json`, `per_model`). FFE has one global model, centralized training one pooled model.
 - Predictions without test-time mirroring, the same for every method. Every method trains the same number of
@@ -581,6 +618,7 @@ def _emit(**event: Any) -> None:
 
 def _worker_train(spec: dict) -> None:
     """Trains each dataset alone with the budget (one process; nnU-Net's roots come from the environment)."""
+    from fednnunet.seeding import derive_seed
     from fednnunet.site.trainer import SiteTrainer
 
     rounds, fold = spec["rounds"], spec["fold"]
@@ -588,9 +626,11 @@ def _worker_train(spec: dict) -> None:
     n = len(spec["datasets"])
     for i, (dataset_id, key) in enumerate(spec["datasets"]):
         _emit(message="building trainer", site=key, fold=fold, fraction_of_unit=i / n)
+        # the same stream as the site's in a federation (TrainingSession: key "site", the site id)
+        seed = None if spec.get("seed") is None else derive_seed(int(spec["seed"]), "site", str(dataset_id))
         st = SiteTrainer(dataset_id, spec["configuration"], fold=fold, device=spec.get("device", "cpu"),
                          total_epochs=rounds, iterations_per_epoch=spec["iterations"],
-                         val_iterations=spec["val_iterations"], num_workers=0)
+                         val_iterations=spec["val_iterations"], num_workers=0, seed=seed)
         for r in range(rounds):
             m = st.run_epoch()
             records[r]["sites"][key] = m

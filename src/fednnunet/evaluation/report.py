@@ -5,18 +5,28 @@ Why a module of its own: the benchmark compares four ways of training (``local``
 Everything here works on plain per-case numbers, so it is tested without training and can re-score saved
 predictions (an independent check of a ``results.json``).
 
-``results.json`` schema (``build_results``)::
+``results.json`` schema (``build_repeated_results``; ``build_results`` is the one-repeat case)::
 
     {"methods": {METHOD: {SITE: {"dsc": mean, "hd95": mean, "cases": n,
-                                 "per_case": [{"case": id, "dsc": d, "hd95": h, ...}, ...]}}},
+                                 "per_case": [{"case": id, "dsc": d, "hd95": h, ...}, ...],
+                                 "repeats": R, "dsc_repeats": [site mean per repeat], "dsc_sd": sd | null,
+                                 "hd95_repeats": [...], "hd95_sd": sd | null}}},
+     "repeats": [{"index": k, "seed": s | null, "methods": {METHOD: {SITE: {"dsc", "hd95", "cases", "per_case"}}}}],
      "wilcoxon": {"ffe_vs_local": {"a": "ffe", "b": "local",
                                    "sites": {SITE: {"p": p | null, "statistic": s | null, "n": paired cases,
                                                     "mean_diff": mean(a - b) | null, "reason": null | why}}},
                   ...},
+     "intervals": {"ffe_vs_centralized": {"a", "b", "margin", "level", "n_boot",
+                                          "sites": {SITE: {"mean_diff", "ci_low", "ci_high", "n_cases",
+                                                           "n_repeats", "non_inferior", "within_margin"}}}, ...},
      "command": "...", "budget": {...}, "external_sites": [...]}
 
 Per case, ``dsc`` and ``hd95`` are the means over the foreground classes (``metrics.evaluate_case``); a site's
 ``dsc``/``hd95`` are means over its cases. Empty-mask conventions are those of ``metrics`` (always finite).
+With several training repeats, ``methods`` holds per case the mean over the repeats (the Wilcoxon tests use
+those), ``dsc_sd`` the standard deviation (ddof 1) of the site's mean DSC over the repeats, and ``repeats``
+every repeat as it was scored. ``intervals``: FFE vs centralized and FFE vs local, the paired DSC difference with a
+95 % two-stage bootstrap interval over cases and repeats and its reading at the 0.01 margin (``intervals.py``).
 
 Statistics: two-tailed Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, default ``zero_method='wilcox'``,
 ``method='auto'``: exact distribution for small samples without ties) on per-case DSC paired by case id, as in the
@@ -55,6 +65,8 @@ __all__ = [
     "site_entry",
     "split_by_prefix",
     "build_results",
+    "build_repeated_results",
+    "interval_table",
     "wilcoxon_table",
     "write_results_json",
     "write_markdown",
@@ -69,6 +81,8 @@ METHOD_NAMES: dict[str, str] = {"local": "Local", "centralized": "Centralized", 
 #: The paired tests of the paper: (method a, method b), reported as p of a vs b.
 COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "local"), ("ffe", "centralized"), ("asym", "local"),
                                             ("ffe16", "ffe"))
+#: The paired differences with confidence intervals (bootstrap over cases and repeats): (a, b) = DSC a - DSC b.
+INTERVAL_COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "centralized"), ("ffe", "local"))
 #: Methods whose images never leave a site. Centralized training is the upper bound, never bolded.
 PRIVACY_PRESERVING: frozenset[str] = frozenset({"local", "ffe", "asym", "ffe16"})
 #: Display order of known methods; others follow in the order given.
@@ -266,15 +280,56 @@ def build_results(methods: Mapping[str, Mapping[str, Any]], command: str, budget
         out_methods[method] = {}
         for site, value in methods[method].items():
             out_methods[method][str(site)] = site_entry(_per_case_list(value, f"{method}/{site}"))
+    return build_repeated_results([out_methods], [None], command, budget, external_sites)
+
+
+def build_repeated_results(repeats: Sequence[Mapping[str, Mapping[str, Any]]], seeds: Sequence[int | None],
+                           command: str, budget: Mapping[str, Any],
+                           external_sites: Sequence[str] = ()) -> dict[str, Any]:
+    """``results.json`` of R training repeats (``repeats[k]``: ``{method: {site: per_case_list}}`` of the
+    trainings seeded ``seeds[k]``): every repeat as scored, per case the mean over the repeats, per site the
+    mean +- sd over the repeats, the Wilcoxon tests (on the per-case means) and the paired intervals."""
+    if not repeats or len(repeats) != len(seeds):
+        raise ValueError("one seed per repeat, and at least one repeat, are needed")
+    per_repeat = [{m: {str(site): site_entry(_per_case_list(v, f"{m}/{site} (repeat {k})"))
+                       for site, v in rep[m].items()} for m in _ordered_methods(rep)}
+                  for k, rep in enumerate(repeats)]
+    out_methods: dict[str, dict[str, Any]] = {}
+    for method in per_repeat[0]:
+        out_methods[method] = {}
+        for site in per_repeat[0][method]:
+            entries = [rep[method][site] for rep in per_repeat if site in rep.get(method, {})]
+            entry = site_entry(_mean_over_repeats([e["per_case"] for e in entries]))
+            for key in ("dsc", "hd95"):
+                values = [e[key] for e in entries if e[key] is not None]
+                entry[f"{key}_repeats"] = values
+                entry[f"{key}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            entry["repeats"] = len(entries)
+            out_methods[method][site] = entry
     results: dict[str, Any] = {
         "methods": out_methods,
+        "repeats": [{"index": k, "seed": seed, "methods": rep} for k, (seed, rep) in enumerate(zip(seeds, per_repeat))],
         "wilcoxon": {},
+        "intervals": {},
         "command": str(command),
         "budget": dict(budget),
         "external_sites": [str(s) for s in external_sites],
     }
     results["wilcoxon"] = wilcoxon_table(results)
+    results["intervals"] = interval_table(results)
     return results
+
+
+def _mean_over_repeats(per_case_lists: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Per case id, the mean DSC and HD95 over the repeats that scored it (one repeat: the entries as they are)."""
+    if len(per_case_lists) == 1:
+        return [dict(c) for c in per_case_lists[0]]
+    by_case: dict[str, list[Mapping[str, Any]]] = {}
+    for cases in per_case_lists:
+        for c in cases:
+            by_case.setdefault(c["case"], []).append(c)
+    return [{"case": case, "dsc": float(np.mean([c["dsc"] for c in cs])),
+             "hd95": float(np.mean([c["hd95"] for c in cs])), "repeats": len(cs)} for case, cs in by_case.items()]
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -329,6 +384,28 @@ def wilcoxon_table(results: Mapping[str, Any],
                 continue
             sites[site] = _wilcoxon_pair(methods[a][site]["per_case"], methods[b][site]["per_case"])
         table[f"{a}_vs_{b}"] = {"a": a, "b": b, "sites": sites}
+    return table
+
+
+def interval_table(results: Mapping[str, Any],
+                   comparisons: Sequence[tuple[str, str]] = INTERVAL_COMPARISONS) -> dict[str, Any]:
+    """Per comparison and site, the paired DSC difference over every repeat with its 95 % bootstrap interval and
+    the non-inferiority reading at the 0.01 margin (``intervals.paired_difference``)."""
+    from fednnunet.evaluation.intervals import MARGIN, N_BOOT, paired_difference
+
+    repeats = results["repeats"]
+    table: dict[str, Any] = {}
+    for a, b in comparisons:
+        if a not in results["methods"] or b not in results["methods"]:
+            continue
+        sites: dict[str, Any] = {}
+        for site in _ordered_sites(results):
+            runs_a = [r["methods"][a][site]["per_case"] for r in repeats if site in r["methods"].get(a, {})]
+            runs_b = [r["methods"][b][site]["per_case"] for r in repeats if site in r["methods"].get(b, {})]
+            sites[site] = paired_difference(runs_a, runs_b)
+        table[f"{a}_vs_{b}"] = {"a": a, "b": b, "margin": MARGIN, "level": 0.95, "n_boot": N_BOOT,
+                                "method": "two-stage percentile bootstrap over repeats and cases (seed 0)",
+                                "sites": sites}
     return table
 
 
@@ -388,36 +465,70 @@ def markdown_table(results: Mapping[str, Any], dsc_digits: int = 3, hd95_digits:
                 d = f"**{d}**"
             if m in PRIVACY_PRESERVING and h == best_hd.get(site):
                 h = f"**{h}**"
-            cells.append(f"{d} / {h} (n={e['cases']})")
+            if e.get("dsc_sd") is not None:
+                d += f" ± {_fmt(e['dsc_sd'], dsc_digits)}"
+            if e.get("hd95_sd") is not None:
+                h += f" ± {_fmt(e['hd95_sd'], hd95_digits)}"
+            extra = f", R={e['repeats']}" if (e.get("repeats") or 1) > 1 else ""
+            cells.append(f"{d} / {h} (n={e['cases']}{extra})")
         lines.append(f"| {METHOD_NAMES.get(m, m)} | " + " | ".join(cells) + " |")
+    repeats = max((e.get("repeats") or 1 for per_site in methods.values() for e in per_site.values()), default=1)
     text = ["## Segmentation results", "",
-            "DSC / HD95 per site (mean over cases; HD95 in mm, or pixels where the images carry no spacing). "
-            "Bold: best privacy-preserving method (Local, FFE, AsymFedAvg) per site; Centralized is the "
-            "upper bound that pools the data.", ""] + lines
+            "DSC / HD95 per site (mean over cases; HD95 in mm, or pixels where the images carry no spacing"
+            + (f"; with {repeats} training repeats: mean ± sd over the repeats of the site's mean" if repeats > 1
+               else "") + "). Bold: best privacy-preserving method (Local, FFE, AsymFedAvg) per site; Centralized "
+            "is the upper bound that pools the data.", ""] + lines
+    text += _interval_lines(results, sites, header)
 
     wil = results.get("wilcoxon") or {}
     if wil:
         text += ["", "## Wilcoxon signed-rank tests (two-tailed, paired per-case DSC)", "",
                  "| Comparison | " + " | ".join(header(s) for s in sites) + " |",
                  "|---|" + "---|" * len(sites)]
-        for comp in wil.values():
-            cells = []
-            for site in sites:
-                e = comp["sites"].get(site)
-                if e is None:
-                    cells.append("–")
-                elif e["p"] is None:
-                    cells.append(f"n/a ({e['reason']})")
-                else:
-                    cells.append(f"p = {_fmt_p(e['p'])} (n={e['n']}, ΔDSC {e['mean_diff']:+.3f})")
-            name = f"{METHOD_NAMES.get(comp['a'], comp['a'])} vs {METHOD_NAMES.get(comp['b'], comp['b'])}"
-            text.append(f"| {name} | " + " | ".join(cells) + " |")
+        text += _comparison_rows(wil, sites, " vs ", lambda e: f"n/a ({e['reason']})" if e["p"] is None else
+                                 f"p = {_fmt_p(e['p'])} (n={e['n']}, ΔDSC {e['mean_diff']:+.3f})")
 
     if results.get("command"):
         text += ["", "Command:", "", "```", str(results["command"]), "```"]
     if results.get("budget"):
         text += ["", "Budget: " + ", ".join(f"{k} = {v}" for k, v in results["budget"].items())]
     return "\n".join(text) + "\n"
+
+
+def _interval_lines(results: Mapping[str, Any], sites: Sequence[str], header: Any) -> list[str]:
+    """The paired-difference table: ``+0.003 [-0.008, +0.012]`` and its reading at the margin, per site."""
+    intervals = results.get("intervals") or {}
+    if not intervals:
+        return []
+    first = next(iter(intervals.values()))
+    margin = first["margin"]
+    lines = ["", f"## Paired DSC differences, {first['level']:.0%} confidence intervals", "",
+             f"Mean over repeats and cases of DSC(a) - DSC(b), paired by case (and repeat); interval: "
+             f"{first['method']}, {first['n_boot']} replicates. Non-inferiority reading at margin {margin}: "
+             f"*non-inferior* when the lower bound is above -{margin}; *within ±{margin}* when the whole interval "
+             f"lies in [-{margin}, +{margin}]; *above* / *below* when the whole interval is above / below 0.", "",
+             "| Difference | " + " | ".join(header(s) for s in sites) + " |", "|---|" + "---|" * len(sites)]
+
+    def cell(e: Mapping[str, Any]) -> str:
+        if e["mean_diff"] is None:
+            return f"n/a ({e.get('reason')})"
+        reading = ("within ±" + str(margin) if e["within_margin"] else
+                   "non-inferior" if e["non_inferior"] else "not non-inferior")
+        reading += "; above" if e["above"] else "; below" if e["below"] else ""
+        return (f"{e['mean_diff']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}] {reading} "
+                f"(n={e['n_cases']}, R={e['n_repeats']})")
+
+    return lines + _comparison_rows(intervals, sites, " − ", cell)
+
+
+def _comparison_rows(table: Mapping[str, Any], sites: Sequence[str], sep: str, cell: Any) -> list[str]:
+    """One Markdown row per comparison (``a<sep>b``), one ``cell(entry)`` per site (``–`` where none)."""
+    rows = []
+    for comp in table.values():
+        cells = ["–" if comp["sites"].get(site) is None else cell(comp["sites"][site]) for site in sites]
+        name = f"{METHOD_NAMES.get(comp['a'], comp['a'])}{sep}{METHOD_NAMES.get(comp['b'], comp['b'])}"
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def write_markdown(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:

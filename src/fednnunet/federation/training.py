@@ -33,8 +33,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from fednnunet.aggregation import (WIRE_DTYPES, ModelSpec, StreamingAsymAverager, StreamingAverager, UpdateRejected,
-                                   from_wire, to_wire, validate_metrics, validate_update, wire_spec)
+from fednnunet.aggregation import (WIRE_DTYPES, ModelSpec, SiteOrderedAdds, StreamingAsymAverager, StreamingAverager,
+                                   UpdateRejected, from_wire, to_wire, validate_metrics, validate_update, wire_spec)
+from fednnunet.federation.delivered import (BEST_PREFIX, BestDelivered, check_delivered, pooled_dice,
+                                            validates_round)
 from fednnunet.federation.events import EventLog
 from fednnunet.federation.job import JobSpec
 from fednnunet.planning.site_planning import write_json_atomic
@@ -53,7 +55,7 @@ _SEP = "::"  # site and parameter name in the keys of an AsymFedAvg state file
 
 # Options that only the server uses; everything else is sent to the sites as their trainer configuration.
 _SERVER_ONLY = ("folds", "weighting", "min_sites", "round_timeout_s", "init_timeout_s", "finish_timeout_s",
-                "resume", "asym_scope", "skip_validation", "validation_only")
+                "resume", "asym_scope", "skip_validation", "validation_only", "validate_delivered_every")
 
 
 @dataclass
@@ -85,6 +87,8 @@ class TrainOptions:
     asym_scope: str = "all"
     da_workers: int | None = None
     transfer_dtype: str = "float32"  # float16 halves the bytes of every round (see aggregation/wire.py)
+    seed: int | None = None  # seeds every site's generators; the server then adds updates in site order
+    validate_delivered_every: int = 1  # validate the delivered model every N rounds (0: never; federation/delivered.py)
 
     def __post_init__(self) -> None:
         self.folds = [str(f) for f in self.folds]
@@ -103,10 +107,17 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("seed", "validate_delivered_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.round_timeout_s is not None and self.round_timeout_s <= 0:
             raise ValueError("round_timeout_s must be positive")
         if self.validation_only and (self.continue_training or self.resume):
             raise ValueError("--val only validates an existing model; it cannot be combined with --c/--resume")
+        if self.val_best and not self.validate_delivered_every:
+            raise ValueError("--val_best validates checkpoint_best.pth, the best delivered model, which needs the "
+                             "delivered-model validation (--validate-delivered-every N > 0)")
         if self.pretrained_weights and (self.continue_training or self.resume):
             raise ValueError("pretrained weights only apply at the start of a training, not with --c/--resume")
 
@@ -147,24 +158,58 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_state(out: Path, round_: int, models: Mapping[str, Arrays], asym: bool,
-               history: list[dict[str, Any]], extra: Mapping[str, Any]) -> Path:
+               history: list[dict[str, Any]], extra: Mapping[str, Any], best: Mapping[str, Any] | None = None,
+               best_models: Mapping[str, Arrays] | None = None) -> Path:
     """Save the weights after ``round_`` and the metric history; the previous weights file is removed after.
 
     FFE keeps one model under the key ``global``; AsymFedAvg one per site. The weights go to
     ``round_NNNN.npz`` (plain arrays, loaded with ``allow_pickle=False``), then ``state.json`` names it: the
-    JSON is replaced last, so it always points at a complete weights file.
+    JSON is replaced last, so it always points at a complete weights file. ``best``: the best delivered model's
+    score and round (federation/delivered.py); ``best_models``: its weights, when they changed since the last
+    save (``best_NNNN.npz``, written before the JSON like the round's weights).
     """
     state_dir = out / STATE_DIR
+    npz = _save_models(state_dir / f"round_{round_:04d}.npz", models, asym)
+    previous = load_state(out) or {}
+    state = {"round": round_, "weights_file": npz.name, "asym": asym, "sites": sorted(models) if asym else None,
+             "history": history, **extra, "best": _best_entry(out, previous, best, best_models, asym)}
+    write_json_atomic(state_dir / STATE_FILE, state)
+    _remove_replaced(out, previous, state)
+    return npz
+
+
+def save_best(out: Path, best: Mapping[str, Any], best_models: Mapping[str, Arrays], asym: bool) -> None:
+    """Record a new best delivered model in the saved state (e.g. the final model, after the last round)."""
+    previous = load_state(out) or {}
+    state = {**previous, "best": _best_entry(out, previous, best, best_models, asym)}
+    write_json_atomic(out / STATE_DIR / STATE_FILE, state)
+    _remove_replaced(out, previous, state)
+
+
+def _best_entry(out: Path, previous: Mapping[str, Any], best: Mapping[str, Any] | None,
+                best_models: Mapping[str, Arrays] | None, asym: bool) -> dict[str, Any] | None:
+    """The state's ``best`` entry; ``best_models`` (new since the last save) go to ``best_NNNN.npz`` first."""
+    if best is None:
+        return None
+    weights_file = (previous.get("best") or {}).get("weights_file")
+    if best_models is not None:
+        weights_file = _save_models(out / STATE_DIR / f"best_{int(best['model_round']):04d}.npz", best_models,
+                                    asym).name
+    return {**best, "weights_file": weights_file}
+
+
+def _remove_replaced(out: Path, previous: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """Delete the weights files ``previous`` named and ``state`` (already written) no longer does."""
+    named = {state.get("weights_file"), (state.get("best") or {}).get("weights_file")}
+    for old in (previous.get("weights_file"), (previous.get("best") or {}).get("weights_file")):
+        if old is not None and old not in named:
+            (out / STATE_DIR / old).unlink(missing_ok=True)
+
+
+def _save_models(npz: Path, models: Mapping[str, Arrays], asym: bool) -> Path:
     flat = {(f"{site}{_SEP}{name}" if asym else name): arr
             for site, model in models.items() for name, arr in model.items()}
-    npz = state_dir / f"round_{round_:04d}.npz"
     _atomic_write(npz, lambda f: np.savez(f, **flat))
-    previous = load_state(out)
-    state = {"round": round_, "weights_file": npz.name, "asym": asym, "sites": sorted(models) if asym else None,
-             "history": history, **extra}
-    write_json_atomic(state_dir / STATE_FILE, state)
-    if previous and previous.get("weights_file") not in (None, npz.name):
-        (state_dir / previous["weights_file"]).unlink(missing_ok=True)
     return npz
 
 
@@ -173,10 +218,11 @@ def load_state(out: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def load_models(out: Path, state: Mapping[str, Any]) -> dict[str, Arrays]:
-    """The models saved with ``state``: ``{"global": ...}`` (FFE) or ``{site: ...}`` (AsymFedAvg)."""
+def load_models(out: Path, state: Mapping[str, Any], weights_file: str | None = None) -> dict[str, Arrays]:
+    """The models saved with ``state``: ``{"global": ...}`` (FFE) or ``{site: ...}`` (AsymFedAvg); those of
+    ``weights_file`` (e.g. the best delivered model's) instead of the last round's when given."""
     models: dict[str, Arrays] = {}
-    with np.load(out / STATE_DIR / state["weights_file"], allow_pickle=False) as data:
+    with np.load(out / STATE_DIR / (weights_file or state["weights_file"]), allow_pickle=False) as data:
         for key in data.files:
             if state.get("asym"):
                 site, name = key.split(_SEP, 1)
@@ -193,45 +239,72 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def round_line(record: Mapping[str, Any]) -> str:
-    """The one line per round a person watches: per-site loss / pseudo-Dice / epoch seconds, wall and overhead."""
+    """The one line per round a person watches: per-site loss / pseudo-Dice / epoch seconds, the delivered model's
+    pseudo-Dice (per site, and pooled), wall and overhead."""
     parts = [f"round {record['round']}/{record['rounds']}"]
     for site, m in record["sites"].items():
+        delivered = m.get("delivered")
         parts.append(f"{site}: loss {_fmt(m.get('train_loss'))}/{_fmt(m.get('val_loss'))} "
-                     f"dice {_fmt(m.get('mean_fg_dice'))} {m.get('epoch_seconds', 0):.1f}s")
+                     f"dice {_fmt(m.get('mean_fg_dice'))}"
+                     + ("" if delivered is None else f" (delivered {_fmt(delivered.get('mean_fg_dice'))})")
+                     + f" {m.get('epoch_seconds', 0):.1f}s")
     for site in record.get("left_out", {}):
         parts.append(f"{site}: left out")
+    if "delivered_mean_fg_dice" in record:
+        best = record.get("best") or {}
+        parts.append(f"delivered {_fmt(record['delivered_mean_fg_dice'])} (best {_fmt(best.get('score'))}, "
+                     f"model of round {best.get('model_round')})")
     parts.append(f"wall {record['wall_seconds']:.1f}s overhead {record['overhead_seconds']:.1f}s")
     return " | ".join(parts)
 
 
-def draw_progress(history: list[dict[str, Any]], path: Path) -> None:
-    """Per-site train (solid) / validation (dashed) loss and mean pseudo-Dice against the round."""
+def _num(value: Any) -> float:
+    """A plotted value: None (JSON's NaN) as NaN, 0.0 kept."""
+    return float("nan") if value is None else float(value)
+
+
+def draw_progress(history: list[dict[str, Any]], path: Path, final: Mapping[str, Any] | None = None) -> None:
+    """Per-site train (solid) / validation (dashed) loss and mean pseudo-Dice against the round: the local model
+    after the round's epoch (solid) and the delivered model, i.e. the aggregate after the round (dotted; black:
+    pooled over the sites). ``final``: the final model's validation record (federation/delivered.py)."""
     from matplotlib.figure import Figure  # no pyplot: drawn in the background saver thread
 
     sites = sorted({s for rec in history for s in rec["sites"]})
+    records = history + ([dict(final)] if final else [])
     fig = Figure(figsize=(8, 7))
     ax_loss, ax_dice = fig.subplots(2, 1, sharex=True)
     for i, site in enumerate(sites):
         color = f"C{i % 10}"
         rows = [(rec["round"], rec["sites"][site]) for rec in history if site in rec["sites"]]
         rounds = [r for r, _ in rows]
-        nan = float("nan")
-        ax_loss.plot(rounds, [m.get("train_loss") or nan for _, m in rows], "-", color=color, label=f"{site} train")
-        ax_loss.plot(rounds, [m.get("val_loss") or nan for _, m in rows], "--", color=color, label=f"{site} val")
-        ax_dice.plot(rounds, [m.get("mean_fg_dice") or nan for _, m in rows], "-o", color=color, ms=3, label=site)
+        ax_loss.plot(rounds, [_num(m.get("train_loss")) for _, m in rows], "-", color=color, label=f"{site} train")
+        ax_loss.plot(rounds, [_num(m.get("val_loss")) for _, m in rows], "--", color=color, label=f"{site} val")
+        ax_dice.plot(rounds, [_num(m.get("mean_fg_dice")) for _, m in rows], "-o", color=color, ms=3,
+                     label=f"{site} local")
+        delivered = [(rec["delivered_model_round"], rec["sites"][site]["delivered"]) for rec in records
+                     if site in rec["sites"] and "delivered" in rec["sites"][site]]
+        if delivered:
+            ax_dice.plot([r for r, _ in delivered], [_num(d.get("mean_fg_dice")) for _, d in delivered], ":s",
+                         color=color, ms=3, label=f"{site} delivered")
+    pooled = [(rec["delivered_model_round"], rec["delivered_mean_fg_dice"]) for rec in records
+              if "delivered_mean_fg_dice" in rec]
+    if pooled:
+        ax_dice.plot([r for r, _ in pooled], [_num(d) for _, d in pooled], ":",
+                     color="black", label="delivered, pooled")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(fontsize=7, ncol=2)
     ax_dice.set_ylabel("mean pseudo-Dice")
-    ax_dice.set_xlabel("round")
-    ax_dice.legend(fontsize=7)
+    ax_dice.set_xlabel("round (delivered: the aggregate after that round)")
+    ax_dice.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
 
 
 # --- global model in nnU-Net's layout --------------------------------------------------------------------------
 def write_global_model(root: Path, info: Mapping[str, Any], options: TrainOptions, fold: str,
-                       weights: Arrays, epochs: int) -> Path:
-    """Write the global FFE model as ``<root>/global/<trainer>__<plans>__<config>/fold_X/checkpoint_final.pth``.
+                       weights: Arrays, epochs: int, filename: str = "checkpoint_final.pth") -> Path:
+    """Write the global FFE model as ``<root>/global/<trainer>__<plans>__<config>/fold_X/<filename>`` (the final
+    model, or ``checkpoint_best.pth``: the best delivered one).
 
     The checkpoint has what nnU-Net's predictor reads (trainer name, configuration, mirroring axes and the full
     ``state_dict`` including nnU-Net's alias keys, rebuilt from the site's alias map so each tensor is stored
@@ -261,7 +334,7 @@ def write_global_model(root: Path, info: Mapping[str, Any], options: TrainOption
         "trainer_name": info["trainer_name"],
         "inference_allowed_mirroring_axes": None if axes is None else tuple(axes),
     }
-    _atomic_write(fold_dir / "checkpoint_final.pth", lambda f: torch.save(checkpoint, f))
+    _atomic_write(fold_dir / filename, lambda f: torch.save(checkpoint, f))
     return fold_dir
 
 
@@ -325,8 +398,9 @@ class _BackgroundSaver:
 
 
 def _save_round(out: Path, r: int, models: Mapping[str, Arrays], asym: bool, history: list[dict[str, Any]],
-                extra: Mapping[str, Any]) -> None:
-    save_state(out, r, models, asym, history, extra)
+                extra: Mapping[str, Any], best: Mapping[str, Any] | None = None,
+                best_models: Mapping[str, Arrays] | None = None) -> None:
+    save_state(out, r, models, asym, history, extra, best, best_models)
     with (out / METRICS_FILE).open("a") as f:  # after the state: a resumed run never repeats a line
         f.write(json.dumps(history[-1]) + "\n")
     try:
@@ -363,6 +437,7 @@ class _FoldRun:
         self.job, self.opts, self.fold, self.caller, self.events = job, options, fold, caller, events
         self.out, self.root = out, root
         self.out.mkdir(parents=True, exist_ok=True)
+        self.best = BestDelivered()  # the best delivered model (federation/delivered.py)
 
     def _init_sites(self, sites: list[str], continue_training: bool) -> tuple[dict, dict, dict]:
         cfg = self.opts.site_config(self.fold, continue_training)
@@ -387,7 +462,10 @@ class _FoldRun:
         events.emit("train_init", f"fold {self.fold}: {len(sites)} site trainer(s) built in "
                     f"{time.perf_counter() - started:.1f} s (" + ", ".join(
                         f"{s}: {infos[s]['num_training_cases']} cases, epoch {infos[s]['current_epoch']}"
-                        for s in sites) + ")")
+                        for s in sites) + ")" + ("" if opts.seed is None else f", seed {opts.seed}"))
+        for s in sites:
+            for reason in infos[s].get("not_reproducible") or []:
+                events.info(f"site {s}: seeded, but not bit-for-bit repeatable: {reason}")
         specs = {s: ModelSpec.of(init_weights[s]) for s in sites}
         first = sites[0]
         if not asym:
@@ -411,6 +489,10 @@ class _FoldRun:
                         validate_update(model, specs[s])
                     except UpdateRejected as err:
                         raise ValueError(f"saved state does not fit the network of site {s}: {err}") from err
+            saved_best = state.get("best") or {}
+            if saved_best.get("weights_file"):
+                self.best = BestDelivered(saved_best["score"], saved_best["model_round"],
+                                          load_models(self.out, state, saved_best["weights_file"]))
             events.info(f"fold {self.fold}: resuming after round {start} of {rounds}")
             # the metrics log is rebuilt from the saved history: it drops lines of a round that was not saved
             _atomic_write(self.out / METRICS_FILE,
@@ -426,7 +508,46 @@ class _FoldRun:
             self._rounds(sites, start, rounds, models, history, specs, weight_of, min_sites, saver)
         finally:
             saver.close()
-        return self._finish(sites, models, infos, rounds * epochs_per_round, history)
+        final = self._validate_final(sites, models, rounds, history)
+        result = self._finish(sites, models, infos, rounds * epochs_per_round, history, rounds)
+        if final is not None:
+            result["final_model_validation"] = final
+        return result
+
+    def _validate_final(self, sites: list[str], models: Mapping[str, Arrays], rounds: int,
+                        history: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """One more exchange after the last round: every site validates the final model (the last delivered one),
+        which may become the best; reported in the events, result.json and progress.png."""
+        opts, asym = self.opts, self.job.asym
+        if not opts.validate_delivered_every or not history:
+            return None
+        payload = {s: models[s if asym else "global"] for s in sites}
+        replies, errors = self.caller.try_call("train_validate_delivered", {s: {} for s in sites}, payload,
+                                               timeout_s=opts.round_timeout_s)
+        reports: dict[str, Any] = {}
+        for s, (res, _) in replies.items():
+            try:
+                check_delivered(res.get("delivered"))
+                reports[s] = res["delivered"]
+            except UpdateRejected as err:
+                errors[s] = f"rejected: {err}"
+        for s, reason in sorted(errors.items()):
+            self.events.emit("left_out", f"final model: site {s} did not validate it: {reason}", site=s, reason=reason)
+        if self.best.consider(rounds, reports, sites, models):
+            save_best(self.out, self.best.info(), self.best.models, asym)
+        record = {"round": rounds, "sites": {s: {"delivered": d} for s, d in reports.items()}, "left_out": errors,
+                  "delivered_model_round": rounds, "delivered_mean_fg_dice": pooled_dice(reports),
+                  "best": self.best.info()}
+        try:
+            draw_progress(history, self.out / PLOT_FILE, record)
+        except Exception as err:  # a plot must never stop a training
+            logger.warning("could not draw %s: %s", self.out / PLOT_FILE, err)
+        best = self.best.info()
+        self.events.info(f"fold {self.fold}: final model: delivered pseudo-Dice " + ", ".join(
+            f"{s} {_fmt(d.get('mean_fg_dice'))}" for s, d in sorted(reports.items()))
+            + f", pooled {_fmt(record['delivered_mean_fg_dice'])}; best delivered model: after round "
+            f"{best['model_round']} ({_fmt(best['score'])})")
+        return record
 
     def _rounds(self, sites: list[str], start: int, rounds: int, models: dict[str, Arrays],
                 history: list[dict[str, Any]], specs: Mapping[str, ModelSpec], weight_of: Mapping[str, float],
@@ -443,10 +564,13 @@ class _FoldRun:
             # FFE: one wire copy of the global model serves every site (packed once for Flower)
             shared = None if asym else to_wire(models["global"], opts.transfer_dtype)
             payload = {s: to_wire(models[s], opts.transfer_dtype) if asym else shared for s in targets}
-            configs = {s: {"round": r, "epoch_end": r * epochs_per_round} for s in targets}
+            configs = {s: {"round": r, "epoch_end": r * epochs_per_round,
+                           "validate_delivered": validates_round(r, opts.validate_delivered_every)} for s in targets}
             traffic = self.caller.traffic
             before = {x: (traffic.sent.get(x, 0), traffic.received.get(x, 0)) for x in targets}
             averager.reset()
+            # seeded: add in site order, so the float64 sums do not depend on the order replies arrive in
+            adds = SiteOrderedAdds(targets if opts.seed is not None else None)
             metrics: dict[str, dict[str, Any]] = {}
 
             def take(site: str, result: dict[str, Any], update: Arrays) -> str | None:
@@ -454,20 +578,23 @@ class _FoldRun:
                 try:
                     validate_update(update, wire_spec(specs[site], opts.transfer_dtype))
                     _metrics_ok(result.get("metrics"))
+                    if "delivered" in result["metrics"]:
+                        check_delivered(result["metrics"]["delivered"])
                 except UpdateRejected as err:
                     return f"update rejected: {err}"
                 # a reply with "delta" holds changes from what this server sent (see aggregation/wire.py)
                 sent = models[site if asym else "global"] if result.get("delta") is True else None
                 weights = from_wire(update, specs[site], base=sent)
                 if asym:
-                    averager.add(site, weights, weight_of[site])
+                    adds.add(site, lambda: averager.add(site, weights, weight_of[site]))
                 else:
-                    averager.add(weights, weight_of[site])
+                    adds.add(site, lambda: averager.add(weights, weight_of[site]))
                 metrics[site] = dict(result["metrics"])
                 return None
 
             replies, errors = self.caller.try_call("train_round", configs, payload, timeout_s=opts.round_timeout_s,
                                                    on_reply=take, expected_s=_first_reply_s(history))
+            adds.flush()
             del payload, shared
             exchange_times = dict(getattr(self.caller, "exchange_times", {}))
             round_bytes = {x: {"sent": traffic.sent.get(x, 0) - before[x][0],
@@ -481,20 +608,29 @@ class _FoldRun:
                 raise RuntimeError(f"round {r}: only {len(metrics)} of {len(sites)} site(s) delivered an update, "
                                    f"at least {min_sites} needed (--min-sites); reasons: " +
                                    "; ".join(f"{s}: {e}" for s, e in sorted(errors.items())))
+            # the models sent this round, validated at the sites: the best so far is copied before aggregation
+            delivered = {s: m["delivered"] for s, m in metrics.items() if "delivered" in m}
+            new_best = bool(delivered) and self.best.consider(r - 1, delivered, sites, models)
             saver.wait()  # the previous round's save holds the arrays that aggregation overwrites
             asym_info = self._aggregate(models, averager, asym)
             wall = time.perf_counter() - t0
             timing = round_timing(started_at, time.time(), replies, exchange_times)
-            slowest = max(m.get("epoch_seconds", 0.0) for m in metrics.values())
+            # the site's compute: its epochs and the validation of the model it received
+            slowest = max(m.get("epoch_seconds", 0.0) + (m.get("delivered") or {}).get("seconds", 0.0)
+                          for m in metrics.values())
             record = {"round": r, "rounds": rounds, "fold": self.fold, "started_at": started_at, "t": time.time(),
                       "wall_seconds": wall,
                       "overhead_seconds": wall - slowest, "sites": metrics, "left_out": errors,
                       "weights": {s: weight_of[s] for s in metrics}, "bytes": round_bytes,
                       "model_bytes": {k: int(sum(a.nbytes for a in m.values())) for k, m in models.items()},
                       "timing": timing, **asym_info}
+            if delivered:
+                record.update(delivered_model_round=r - 1, delivered_mean_fg_dice=pooled_dice(delivered),
+                              best=self.best.info())
             history.append(record)
             saver.submit(_save_round, self.out, r, dict(models), asym, list(history),
-                         {"rounds": rounds, "fold": self.fold, "options": opts.asdict()})
+                         {"rounds": rounds, "fold": self.fold, "options": opts.asdict()}, self.best.info(),
+                         self.best.models if new_best else None)
             events.emit("round", round_line(record), round=r)
 
     def _reinit(self, needs_init: set[str]) -> None:
@@ -524,10 +660,15 @@ class _FoldRun:
         return {"asym_fraction_averaged": {s: st.fraction_averaged for s, st in report.sites.items()}}
 
     def _finish(self, sites: list[str], models: Mapping[str, Arrays], infos: Mapping[str, Any], epochs: int,
-                history: list[dict[str, Any]]) -> dict[str, Any]:
-        opts, events = self.opts, self.events
-        cfg = {"validate": not opts.skip_validation, "val_best": opts.val_best}
-        payload = {s: models[s if self.job.asym else "global"] for s in sites}
+                history: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
+        opts, events, best = self.opts, self.events, self.best
+        # the sites write the best delivered model as checkpoint_best.pth: sent beside the final one, unless it is
+        # the final one; without delivered validation they write none
+        best_is = None if best.models is None else ("final" if best.model_round == rounds else "sent")
+        cfg = {"validate": not opts.skip_validation, "val_best": opts.val_best, "best": best_is}
+        key = {s: s if self.job.asym else "global" for s in sites}
+        payload = {s: models[key[s]] if best_is != "sent" else
+                   {**models[key[s]], **{BEST_PREFIX + n: a for n, a in best.models[key[s]].items()}} for s in sites}
         events.info(f"fold {self.fold}: sending the final model to {len(sites)} site(s)"
                     + ("" if opts.skip_validation else " (then nnU-Net's final validation)"))
         t0 = time.perf_counter()
@@ -546,6 +687,14 @@ class _FoldRun:
             fold_dir = write_global_model(self.root, infos[sites[0]], opts, self.fold, models["global"], epochs)
             result["global_model"] = str(fold_dir)
             events.info(f"global model: {fold_dir / 'checkpoint_final.pth'}")
+            (fold_dir / "checkpoint_best.pth").unlink(missing_ok=True)  # an earlier run's
+            if best.models is not None:
+                write_global_model(self.root, infos[sites[0]], opts, self.fold, best.models["global"], epochs,
+                                   filename="checkpoint_best.pth")
+        if best.models is not None:
+            result["best_model"] = best.info()
+            events.info(f"checkpoint_best.pth: the delivered model after round {best.model_round} (pooled "
+                        f"pseudo-Dice {_fmt(best.score)})")
         if history:
             result["mean_round_seconds"] = float(np.mean([h["wall_seconds"] for h in history]))
             result["mean_overhead_seconds"] = float(np.mean([h["overhead_seconds"] for h in history]))

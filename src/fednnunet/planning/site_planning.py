@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +64,26 @@ def restore_on_failure(paths: Sequence[Path]) -> Iterator[None]:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def planner_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a stock nnU-Net planning step: ``nnUNet_n_proc_DA`` raised to 1 where it is below 1.
+
+    Why: nnU-Net's planner calls ``torch.set_num_threads(nnUNet_n_proc_DA)``, which rejects the 0 that is best
+    for training small CPU runs (and that the README suggests exporting). Planning uses the value for nothing
+    else, so the plans are the same; training still reads the site's own setting.
+    """
+    out = dict(env)
+    value = out.get("nnUNet_n_proc_DA")
+    if value is not None and value.strip().lstrip("-").isdigit() and int(value) < 1:
+        out["nnUNet_n_proc_DA"] = "1"
+    return out
+
+
 @contextlib.contextmanager
 def positive_da_workers() -> Iterator[None]:
-    """nnU-Net's planner calls ``torch.set_num_threads(nnUNet_n_proc_DA)``, which rejects the 0 that is best for
-    training small CPU runs; plan with 1 and restore the site's setting afterwards."""
+    """:func:`planner_env` for this process, around an in-process planner call; the site's setting is restored."""
     old = os.environ.get("nnUNet_n_proc_DA")
-    if old is not None and int(old) < 1:
-        os.environ["nnUNet_n_proc_DA"] = "1"
+    if old is not None:
+        os.environ["nnUNet_n_proc_DA"] = planner_env(os.environ)["nnUNet_n_proc_DA"]
     try:
         yield
     finally:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from fednnunet.seeding import derive_seed, seed_everything
 from fednnunet.site.weights import load_unique_state, unique_state, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; importing nnunetv2 freezes its path variables
@@ -119,6 +120,15 @@ class SiteTrainer:
         val_iterations: overrides ``trainer.num_val_iterations_per_epoch`` (stock: 50).
         num_workers: if given, sets ``os.environ['nnUNet_n_proc_DA']`` before building, which nnU-Net reads
             for its augmentation workers (0: augment in this process, best for tiny CPU runs).
+        seed: seeds Python's, numpy's and torch's generators (``fednnunet.seeding``) before the trainer is built
+            (network initialisation, the loaders' first batch) and again at the start of every epoch from
+            ``(seed, epoch)``. Bit-for-bit repeatable on CPU with augmentation in this process
+            (``num_workers=0``); :attr:`not_reproducible` says why a run is not. None: nnU-Net's unseeded default.
+            The online validation is reseeded from ``(seed, "val", epoch)``, so :meth:`validate_online` before an
+            epoch sees exactly the patches that epoch's own validation sees.
+        local_best: let nnU-Net write ``checkpoint_best.pth`` by its local EMA pseudo-Dice (and its periodic
+            ``checkpoint_latest.pth``) in ``on_epoch_end``, as ``nnUNetv2_train``. A federation passes False: its
+            best model is the best *delivered* model, written with :meth:`save_best` (see training_session).
 
     Raises:
         ValueError: bad fold, iteration or epoch numbers.
@@ -142,6 +152,8 @@ class SiteTrainer:
         iterations_per_epoch: int | None = None,
         val_iterations: int | None = None,
         num_workers: int | None = None,
+        seed: int | None = None,
+        local_best: bool = True,
     ) -> None:
         start = time.perf_counter()
         fold = _normalize_fold(fold)
@@ -162,6 +174,7 @@ class SiteTrainer:
         from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
         from nnunetv2.run.run_training import maybe_load_checkpoint
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
         if not nnUNet_preprocessed.is_set() or not nnUNet_results.is_set():
             raise RuntimeError("nnUNet_preprocessed and nnUNet_results must be set in the environment before "
@@ -169,6 +182,9 @@ class SiteTrainer:
 
         self.export_npz = bool(export_npz)
         self.device = torch.device(device)
+        self.seed = None if seed is None else derive_seed(seed)  # checked here, before any work
+        self.local_best = bool(local_best)
+        self._reseed("build")
         trainer_class = load_trainer_class(trainer_name)
         dataset_name = maybe_convert_to_dataset_name(dataset if isinstance(dataset, str) else int(dataset))
 
@@ -204,6 +220,18 @@ class SiteTrainer:
             torch.backends.cudnn.deterministic = False
             torch.backends.cudnn.benchmark = True
 
+        #: why a seeded run is not bit-for-bit repeatable here (empty: it is, or no seed was given)
+        self.not_reproducible: list[str] = []
+        if seed is not None and get_allowed_n_proc_DA() > 0:
+            self.not_reproducible.append(
+                f"nnUNet_n_proc_DA={get_allowed_n_proc_DA()}: nnU-Net's augmentation workers are unseeded and "
+                "their batches arrive in any order (use 0)")
+        if seed is not None and self.device.type == "cuda":
+            self.not_reproducible.append("CUDA: cuDNN benchmark mode and non-deterministic GPU kernels "
+                                         "(as nnUNetv2_train)")
+        for reason in self.not_reproducible:
+            logger.warning("seeded, but not bit-for-bit repeatable: %s", reason)
+
         # Builds network/optimizer if needed, data loaders, unpacks the dataset, writes plans.json,
         # dataset.json and dataset_fingerprint.json next to the fold folder.
         trainer.on_train_start()
@@ -211,9 +239,11 @@ class SiteTrainer:
         self._finished = False
         self._closed = False
 
-        train_keys, _ = trainer.do_split()
+        train_keys, val_keys = trainer.do_split()
         #: number of training cases of this fold: the FedAvg weight of this site
         self.num_training_cases: int = len(train_keys)
+        #: number of validation cases of this fold (the weight of this site's delivered-model validation)
+        self.num_validation_cases: int = len(val_keys)
         #: wall seconds of the build (trainer, network, data loaders, dataset unpacking, checkpoint loading)
         self.build_seconds: float = time.perf_counter() - start
         logger.info("site trainer %s %s fold %s built in %.1f s: %s training cases, epoch %d of %d, "
@@ -277,18 +307,22 @@ class SiteTrainer:
             raise RuntimeError(f"all {t.num_epochs} epochs are done (current_epoch={t.current_epoch}); "
                                "raise total_epochs to train further")
         start = time.perf_counter()
+        self._reseed("epoch", t.current_epoch)
         t.on_epoch_start()
 
         t.on_train_epoch_start()
         train_outputs = [t.train_step(next(t.dataloader_train)) for _ in range(t.num_iterations_per_epoch)]
         t.on_train_epoch_end(train_outputs)
 
-        with torch.no_grad():
-            t.on_validation_epoch_start()
-            val_outputs = [t.validation_step(next(t.dataloader_val)) for _ in range(t.num_val_iterations_per_epoch)]
-            t.on_validation_epoch_end(val_outputs)
-
-        t.on_epoch_end()  # logs, periodic/best checkpoints, progress.png, current_epoch += 1
+        self._validation_epoch()
+        if self.local_best:
+            t.on_epoch_end()  # logs, periodic/best checkpoints, progress.png, current_epoch += 1
+        else:  # the same hook with nnU-Net's own switch off: no checkpoint_best.pth by the local EMA
+            t.disable_checkpointing, checkpointing = True, t.disable_checkpointing
+            try:
+                t.on_epoch_end()
+            finally:
+                t.disable_checkpointing = checkpointing
         seconds = time.perf_counter() - start
 
         log = t.logger
@@ -308,29 +342,90 @@ class SiteTrainer:
                     [round(d, 4) for d in metrics["pseudo_dice"]])
         return metrics
 
+    def _validation_epoch(self) -> None:
+        """nnU-Net's online validation (``num_val_iterations_per_epoch`` batches of the validation loader), logged
+        by ``on_validation_epoch_end`` into ``trainer.logger`` at ``current_epoch``."""
+        t = self.trainer
+        self._reseed("val", t.current_epoch)
+        with torch.no_grad():
+            t.on_validation_epoch_start()
+            val_outputs = [t.validation_step(next(t.dataloader_val)) for _ in range(t.num_val_iterations_per_epoch)]
+            t.on_validation_epoch_end(val_outputs)
+
+    def validate_online(self) -> dict[str, Any]:
+        """nnU-Net's online validation of the network's current weights (e.g. a model just received), without
+        training and without touching nnU-Net's training log.
+
+        The hooks are nnU-Net's own (same iterations, loader and pseudo-Dice as every epoch's validation); their
+        log goes to a scratch ``LocalLogger`` that is dropped afterwards, so the trainer's log, EMA pseudo-Dice
+        and progress.png keep describing the local epochs only.
+
+        Returns:
+            ``val_loss``, ``pseudo_dice`` (per foreground class or region, NaN for a class absent from
+            prediction and target), ``mean_fg_dice``, ``num_val_cases`` and ``seconds``.
+        """
+        from nnunetv2.training.logging.nnunet_logger import LocalLogger
+
+        self._check_open()
+        t = self.trainer
+        start = time.perf_counter()
+        log, t.logger = t.logger, LocalLogger()
+        try:
+            self._validation_epoch()
+            scratch = t.logger
+        finally:
+            t.logger = log
+        return {"val_loss": float(scratch.get_value("val_losses", step=-1)),
+                "pseudo_dice": [float(d) for d in scratch.get_value("dice_per_class_or_region", step=-1)],
+                "mean_fg_dice": float(scratch.get_value("mean_fg_dice", step=-1)),
+                "num_val_cases": self.num_validation_cases, "seconds": time.perf_counter() - start}
+
+    def _reseed(self, *keys: str | int) -> None:
+        """Seed every generator for the step named by ``keys`` (no-op without a seed): each step's draws are then
+        independent of how many draws came before it (a resumed run, an extra validation)."""
+        if self.seed is not None:
+            seed_everything(derive_seed(self.seed, *keys))
+
     def save_latest(self) -> Path | None:
         """Saves ``checkpoint_latest.pth`` (live weights, optimizer, logger, epoch) with the trainer's own code.
 
-        Why: lets a site resume after a crash with ``continue_training=True`` at the right epoch.
-        ``save_checkpoint`` stores ``current_epoch + 1`` because nnU-Net calls it inside ``on_epoch_end``,
-        before the increment; between epochs the counter is already incremented, so it is stepped back
-        around the call, exactly as nnU-Net's ``on_train_end`` does for ``checkpoint_final.pth``.
+        Why: lets a site resume after a crash with ``continue_training=True`` at the right epoch (see :meth:`_save`).
 
         Returns:
             the checkpoint path, or None when checkpointing is disabled.
         """
         self._check_open()
-        t = self.trainer
-        if t.disable_checkpointing:
+        if self.trainer.disable_checkpointing:
             logger.info("checkpointing is disabled: no checkpoint_latest.pth written")
             return None
-        path = self.output_folder / "checkpoint_latest.pth"
+        path = self._save("checkpoint_latest.pth")
+        logger.info("saved %s (resumes at epoch %d)", path, self.trainer.current_epoch)
+        return path
+
+    def save_best(self, weights: Mapping[str, np.ndarray]) -> Path | None:
+        """Write ``weights`` as ``checkpoint_best.pth`` with nnU-Net's own checkpoint code (a federation's best
+        delivered model); the live network keeps its weights. None when checkpointing is disabled."""
+        self._check_open()
+        if self.trainer.disable_checkpointing:
+            return None
+        live = self.get_weights()
+        self.set_weights(weights)
+        try:
+            return self._save("checkpoint_best.pth")
+        finally:
+            self.set_weights(live)
+
+    def _save(self, name: str) -> Path:
+        """``trainer.save_checkpoint`` between epochs: it stores ``current_epoch + 1`` because nnU-Net calls it in
+        ``on_epoch_end`` before the increment, so the counter is stepped back around the call (as nnU-Net's
+        ``on_train_end`` does for ``checkpoint_final.pth``)."""
+        t = self.trainer
+        path = self.output_folder / name
         t.current_epoch -= 1
         try:
             t.save_checkpoint(str(path))
         finally:
             t.current_epoch += 1
-        logger.info("saved %s (resumes at epoch %d)", path, t.current_epoch)
         return path
 
     def finish(self, final_weights: Mapping[str, np.ndarray] | None = None, validate: bool = True,
@@ -342,8 +437,8 @@ class SiteTrainer:
                 that ``checkpoint_final.pth`` is the global model; None keeps the current weights.
             validate: run nnU-Net's ``perform_actual_validation`` on this fold's validation cases
                 (``fold_X/validation/summary.json``); sliding window with mirroring, so it is the slow part.
-            best: validate with this site's ``checkpoint_best.pth`` instead (``--val_best``). Note that in a
-                federation "best" is by the site's local EMA pseudo Dice after a local epoch, not a global model.
+            best: validate with this site's ``checkpoint_best.pth`` instead (``--val_best``): nnU-Net's best
+                local epoch, or in a federation (``local_best=False``) the best delivered model (:meth:`save_best`).
 
         Returns:
             the fold folder, an ordinary nnU-Net results folder (``checkpoint_final.pth`` with the stock
@@ -355,6 +450,8 @@ class SiteTrainer:
             self.set_weights(final_weights)
         if best and t.disable_checkpointing:
             raise RuntimeError("best=True needs checkpoint_best.pth, but checkpointing is disabled")
+        if best and validate and not (self.output_folder / "checkpoint_best.pth").is_file():
+            raise RuntimeError(f"best=True needs {self.output_folder / 'checkpoint_best.pth'}, which does not exist")
         if t.disable_checkpointing:
             logger.warning("checkpointing is disabled: no checkpoint_final.pth, the folder cannot be used "
                            "for inference")

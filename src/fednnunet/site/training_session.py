@@ -8,13 +8,17 @@ session turns the server's three training messages into SiteTrainer calls:
   initial de-duplicated weights, the training-case count (the FedAvg weight), and what the server needs to
   write the global model in nnU-Net's layout (plans/dataset/fingerprint JSONs, checkpoint metadata, the alias
   keys of the full ``state_dict``);
-* ``round``: load the received weights into the live network, run ``epochs_per_round`` nnU-Net epochs, reply
-  with the weights (their change from the received ones: see aggregation/wire.py) and the epoch metrics; the
+* ``round``: load the received weights into the live network, validate them with nnU-Net's online validation
+  when the server asks (the delivered model, see federation/delivered.py), run ``epochs_per_round`` nnU-Net
+  epochs, reply with the weights (their change from the received ones: see aggregation/wire.py) and the epoch
+  metrics; the
   worker then calls :meth:`TrainingSession.save_checkpoint` (``checkpoint_latest.pth``, so the site can resume)
   after the reply has gone, because writing it (about 1 s for a 30 M-parameter network and its optimizer state)
   would otherwise delay every round;
-* ``finish``: load the final aggregated weights, write ``checkpoint_final.pth`` and run nnU-Net's final
-  validation.
+* ``validate``: nnU-Net's online validation of the final aggregated weights (the last delivered model);
+* ``finish``: write the federation's best delivered model as ``checkpoint_best.pth`` (nnU-Net's own one, by the
+  local EMA pseudo-Dice, is never written in a federation), load the final aggregated weights, write
+  ``checkpoint_final.pth`` and run nnU-Net's final validation.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from fednnunet.aggregation import ModelSpec, delta_to_wire, from_wire, to_wire, validate_update, wire_spec
+from fednnunet.federation.delivered import BEST_PREFIX
+from fednnunet.seeding import derive_seed
 from fednnunet.site.trainer import SiteTrainer, load_trainer_class
 from fednnunet.site.weights import unique_tensors, unwrap
 
@@ -95,7 +101,13 @@ class TrainingSession:
             iterations_per_epoch=config.get("iterations_per_round"),
             val_iterations=config.get("val_iterations"),
             num_workers=config.get("da_workers"),
+            # every site draws its own stream of the run's seed (the same seed everywhere would give every site
+            # the same patch positions and augmentations)
+            seed=None if config.get("seed") is None else derive_seed(int(config["seed"]), "site", site),
+            local_best=False,
         )
+        if not config.get("continue_training"):  # a best model of an earlier run in this folder is not this run's
+            (self.trainer.output_folder / "checkpoint_best.pth").unlink(missing_ok=True)
 
     def describe(self) -> tuple[dict[str, Any], Arrays]:
         """The ``init`` reply: initial weights plus what the server needs to schedule and to write checkpoints."""
@@ -105,6 +117,7 @@ class TrainingSession:
         axes = getattr(nn_trainer, "inference_allowed_mirroring_axes", None)
         info = {
             "num_training_cases": t.num_training_cases,
+            "num_validation_cases": t.num_validation_cases,
             "current_epoch": t.current_epoch,
             "num_epochs": t.num_epochs,
             "iterations_per_epoch": int(nn_trainer.num_iterations_per_epoch),
@@ -118,6 +131,7 @@ class TrainingSession:
             "dataset_json": _read_json(model_dir / "dataset.json"),
             "dataset_fingerprint": _read_json(model_dir / "dataset_fingerprint.json"),
             "state_keys": alias_map(nn_trainer.network),
+            "not_reproducible": t.not_reproducible,
         }
         weights = t.get_weights()
         self.spec = ModelSpec.of(weights)
@@ -136,6 +150,7 @@ class TrainingSession:
             validate_update(arrays, wire_spec(self.spec, self.transfer_dtype))
             received = from_wire(arrays, self.spec)
             t.set_weights(received)
+        delivered = self._validate() if received is not None and config.get("validate_delivered") else None
         remaining = t.num_epochs - t.current_epoch
         epochs = min(int(config.get("epochs", self.epochs_per_round)), remaining)
         if epochs < 1:
@@ -157,9 +172,24 @@ class TrainingSession:
         for key in ("train_loss", "val_loss", "mean_fg_dice", "ema_fg_dice", "lr"):
             metrics[key] = _clean(metrics[key])
         metrics["epochs"] = epochs
+        if delivered is not None:
+            metrics["delivered"] = delivered
         if received is None:
             return {"metrics": metrics}, to_wire(t.get_weights(), self.transfer_dtype)
         return {"metrics": metrics, "delta": True}, delta_to_wire(t.get_weights(), received, self.transfer_dtype)
+
+    def _validate(self) -> dict[str, Any]:
+        report = self.trainer.validate_online()
+        report["pseudo_dice"] = [_clean(d) for d in report["pseudo_dice"]]
+        for key in ("val_loss", "mean_fg_dice"):
+            report[key] = _clean(report[key])
+        return report
+
+    def validate(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """The ``validate`` reply: nnU-Net's online validation of ``arrays`` (full precision, like ``finish``)."""
+        validate_update(arrays, self.spec)
+        self.trainer.set_weights(arrays)
+        return {"delivered": self._validate()}
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint_latest.pth`` if a round trained since the last write (lets this site resume its
@@ -201,9 +231,18 @@ class TrainingSession:
     def finish(self, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Write the final model as ``checkpoint_final.pth`` and run nnU-Net's final validation unless disabled."""
         validate = bool(config.get("validate", True))
-        if arrays:
-            validate_update(arrays, self.spec)
-        folder = self.trainer.finish(arrays or None, validate=validate, best=bool(config.get("val_best")))
+        best = {k[len(BEST_PREFIX):]: v for k, v in arrays.items() if k.startswith(BEST_PREFIX)}
+        final = {k: v for k, v in arrays.items() if not k.startswith(BEST_PREFIX)}
+        for model in (final, best):
+            if model:
+                validate_update(model, self.spec)
+        # the federation's best delivered model: sent beside the final one, or the final one itself
+        best_weights = best or (final if config.get("best") == "final" else None)
+        if best_weights:
+            self.trainer.save_best(best_weights)
+        else:
+            (self.trainer.output_folder / "checkpoint_best.pth").unlink(missing_ok=True)
+        folder = self.trainer.finish(final or None, validate=validate, best=bool(config.get("val_best")))
         result: dict[str, Any] = {"output_folder": str(folder),
                                   "checkpoint": str(folder / "checkpoint_final.pth")}
         if validate:  # without validation an old summary would describe another model

@@ -229,6 +229,10 @@ class SiteWorker:
         self.after_reply(session.save_checkpoint)
         return reply
 
+    def op_train_validate_delivered(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        """nnU-Net's online validation of the final aggregated model (see fednnunet.federation.delivered)."""
+        return self._session().validate(arrays), {}
+
     def op_train_finish(self, config: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
         session = self._session()
         self.training = None  # finished either way: a failed finish must not be retried on a half-closed trainer
