@@ -18,7 +18,7 @@ from fednnunet.aggregation.validation import (
     validate_metrics,
     validate_update,
 )
-from fednnunet.aggregation.wire import WIRE_DTYPES, delta_to_wire, from_wire, to_wire, wire_spec
+from fednnunet.aggregation.wire import WIRE_DTYPES, delta_to_wire, from_wire, narrows, to_wire, wire_spec
 
 __all__ = [
     "AsymReport",
@@ -35,6 +35,7 @@ __all__ = [
     "WIRE_DTYPES",
     "delta_to_wire",
     "from_wire",
+    "narrows",
     "to_wire",
     "wire_spec",
 ]

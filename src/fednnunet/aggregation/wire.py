@@ -46,6 +46,12 @@ def to_wire(arrays: Mapping[str, np.ndarray], wire_dtype: str) -> dict[str, np.n
     return {k: _narrow(a, wire) if _narrower(a.dtype, wire) else a for k, a in arrays.items()}
 
 
+def narrows(spec: ModelSpec, wire_dtype: str) -> bool:
+    """Whether the transfer narrows any array of the model (then a site replies changes from what it received)."""
+    wire = np.dtype(wire_dtype)
+    return any(_narrower(np.dtype(dt), wire) for _, dt in spec.params.values())
+
+
 def wire_spec(spec: ModelSpec, wire_dtype: str) -> ModelSpec:
     """What a valid update of a model with ``spec`` looks like on the wire."""
     wire = np.dtype(wire_dtype)

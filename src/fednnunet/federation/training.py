@@ -51,6 +51,9 @@ STATE_DIR = "state"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "progress.png"
+#: The plot is redrawn at most this often (and after the last round): drawing it takes a core for a few tenths of a
+#: second, which short rounds would pay every time while the sites transfer.
+PLOT_EVERY_S = 30.0
 _SEP = "::"  # site and parameter name in the keys of an AsymFedAvg state file
 
 # Options that only the server uses; everything else is sent to the sites as their trainer configuration.
@@ -399,10 +402,12 @@ class _BackgroundSaver:
 
 def _save_round(out: Path, r: int, models: Mapping[str, Arrays], asym: bool, history: list[dict[str, Any]],
                 extra: Mapping[str, Any], best: Mapping[str, Any] | None = None,
-                best_models: Mapping[str, Arrays] | None = None) -> None:
+                best_models: Mapping[str, Arrays] | None = None, draw: bool = True) -> None:
     save_state(out, r, models, asym, history, extra, best, best_models)
     with (out / METRICS_FILE).open("a") as f:  # after the state: a resumed run never repeats a line
         f.write(json.dumps(history[-1]) + "\n")
+    if not draw:
+        return
     try:
         draw_progress(history, out / PLOT_FILE)
     except Exception as err:  # a plot must never stop a training
@@ -499,7 +504,8 @@ class _FoldRun:
                           lambda f: f.write("".join(json.dumps(h) + "\n" for h in history).encode()))
         else:
             # received arrays are read-only views of the reply; the FFE average is written into its own arrays
-            models = dict(init_weights) if asym else {"global": {k: np.array(v) for k, v in init_weights[first].items()}}
+            models = (dict(init_weights) if asym
+                      else {"global": {k: np.array(v) for k, v in init_weights[first].items()}})
             start, history = 0, []
         del init_weights
 
@@ -557,6 +563,7 @@ class _FoldRun:
         needs_init: set[str] = set()
         # one averager for the whole run: its float64 sums stay allocated from round to round
         averager = StreamingAsymAverager(specs, opts.asym_scope) if asym else StreamingAverager()
+        last_drawn = float("-inf")
         for r in range(start + 1, rounds + 1):
             self._reinit(needs_init)
             t0, started_at = time.perf_counter(), time.time()
@@ -628,9 +635,11 @@ class _FoldRun:
                 record.update(delivered_model_round=r - 1, delivered_mean_fg_dice=pooled_dice(delivered),
                               best=self.best.info())
             history.append(record)
+            draw = r == rounds or time.monotonic() - last_drawn >= PLOT_EVERY_S
+            last_drawn = time.monotonic() if draw else last_drawn
             saver.submit(_save_round, self.out, r, dict(models), asym, list(history),
                          {"rounds": rounds, "fold": self.fold, "options": opts.asdict()}, self.best.info(),
-                         self.best.models if new_best else None)
+                         self.best.models if new_best else None, draw)
             events.emit("round", round_line(record), round=r)
 
     def _reinit(self, needs_init: set[str]) -> None:

@@ -386,6 +386,14 @@ class SiteTrainer:
         if self.seed is not None:
             seed_everything(derive_seed(self.seed, *keys))
 
+    def skip_to_epoch(self, epoch: int) -> None:
+        """Continue at ``epoch`` (a site that missed federated rounds): the poly learning rate follows
+        ``current_epoch``, the epochs in between are not trained here; nnU-Net's log simply has no entry for them."""
+        self._check_open()
+        if not self.current_epoch <= epoch < self.num_epochs:
+            raise ValueError(f"cannot skip from epoch {self.current_epoch} to {epoch} of {self.num_epochs}")
+        self.trainer.current_epoch = epoch
+
     def save_latest(self) -> Path | None:
         """Saves ``checkpoint_latest.pth`` (live weights, optimizer, logger, epoch) with the trainer's own code.
 

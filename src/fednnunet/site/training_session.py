@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from fednnunet.aggregation import ModelSpec, delta_to_wire, from_wire, to_wire, validate_update, wire_spec
+from fednnunet.aggregation import (ModelSpec, delta_to_wire, from_wire, narrows, to_wire, validate_update,
+                                   wire_spec)
 from fednnunet.federation.delivered import BEST_PREFIX
 from fednnunet.seeding import derive_seed
 from fednnunet.site.trainer import SiteTrainer, load_trainer_class
@@ -150,15 +151,24 @@ class TrainingSession:
             validate_update(arrays, wire_spec(self.spec, self.transfer_dtype))
             received = from_wire(arrays, self.spec)
             t.set_weights(received)
+            if not narrows(self.spec, self.transfer_dtype):
+                received = {}  # the reply needs no base: the message's bytes can go before the epoch
+            if isinstance(arrays, dict):
+                arrays.clear()
         delivered = self._validate() if received is not None and config.get("validate_delivered") else None
         remaining = t.num_epochs - t.current_epoch
         epochs = min(int(config.get("epochs", self.epochs_per_round)), remaining)
         if epochs < 1:
             raise RuntimeError(f"all {t.num_epochs} epochs are already done at this site")
+        skipped = 0
         if epoch_end is not None and t.current_epoch + epochs < int(epoch_end):
-            raise RuntimeError(f"this site is at epoch {t.current_epoch}, so {epochs} more epoch(s) would not reach "
-                               f"the round's end epoch {epoch_end}: it has no checkpoint_latest.pth as recent as the "
-                               "server's state (checkpointing disabled, or its worker killed while writing it)")
+            # It missed rounds (left out, restarted from an older checkpoint): it trains the round's own epochs,
+            # from the model the round delivered, so that its learning rate follows the federation's schedule.
+            skipped = int(epoch_end) - epochs - t.current_epoch
+            logger.warning("site %s is at epoch %d, %d epoch(s) behind the round (it missed rounds or restarted "
+                           "from an older checkpoint): it trains the round's epochs from the model it received",
+                           self.site, t.current_epoch, skipped)
+            t.skip_to_epoch(int(epoch_end) - epochs)
         started = time.perf_counter()
         metrics: dict[str, Any] = {}
         compute = 0.0
@@ -172,6 +182,8 @@ class TrainingSession:
         for key in ("train_loss", "val_loss", "mean_fg_dice", "ema_fg_dice", "lr"):
             metrics[key] = _clean(metrics[key])
         metrics["epochs"] = epochs
+        if skipped:
+            metrics["skipped_epochs"] = skipped
         if delivered is not None:
             metrics["delivered"] = delivered
         if received is None:
