@@ -9,7 +9,9 @@ default 0 on the CPU and nnU-Net's own default on CUDA), and no final validation
   and ``num_epochs`` is set to the number of epochs, which ``nnUNetv2_train`` has no flag for), in a process of its
   own: what a hospital training alone would run;
 * ``federation``: ``fednnunet run train DATASET CONFIG FOLD --rounds R`` (one round = one epoch), the real
-  SuperLink, SuperNode and site worker.
+  SuperLink, SuperNode and site worker, with ``--validate-delivered-every 0``: with one site the delivered model is
+  the site's own model after its epoch, which nnU-Net's online validation at the end of that epoch has just
+  validated, so a second validation would compare more work than nnU-Net does.
 
 Reported per arm: compute per epoch as the trainer measures it (nnU-Net's logger timestamps; the site's
 ``epoch_seconds``), the whole command's wall time, and the peak resident memory of the process that trains (the
@@ -94,7 +96,7 @@ def bench_site_epoch(rounds: int = 3, repeats: int = 2, iterations: int = 250, v
         out = work / f"federation-{i}"
         wall = run_timed([console_script("fednnunet"), "run", "train", dataset, "2d", "0", "--rounds", str(rounds),
                           "--iterations-per-round", str(iterations), "--val-iterations", str(val_iterations),
-                          "-device", device, "--skip-val", *da, "--out", str(out)],
+                          "-device", device, "--skip-val", *da, "--validate-delivered-every", "0", "--out", str(out)],
                          {**train_env, "nnUNet_results": str(work / f"results-federation-{i}")},
                          work / f"federation-{i}.log", 7200)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
