@@ -5,7 +5,7 @@
 #   scripts/gpu_check.sh            on a machine with an NVIDIA GPU and a preinstalled PyTorch (python3)
 #   scripts/gpu_check.sh --cpu      the same steps, tiny, on the CPU (tests/test_gpu_check.py runs this)
 #
-# Nothing is downloaded: packages the machine lacks travel as wheels in .whl/ (scripts/gpu_wheels.sh makes them
+# Nothing is downloaded: packages the machine lacks travel as wheels in .whl/ (scripts/gpu_wheels.sh downloads them
 # here) and are installed into a private folder. Output and figures go to $OUT (or ./gpu_check_out).
 set -euo pipefail
 cd "$(dirname "$0")/.."

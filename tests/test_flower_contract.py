@@ -19,6 +19,16 @@ def test_flower_version_is_the_one_the_contract_was_checked_with() -> None:
         "checked against Flower 1.41; re-check that contract (this file) before allowing another version")
 
 
+def test_a_grid_can_be_told_to_stop_retrying() -> None:
+    """An interrupted coordinator ends its run's requests by limiting the Grid's retries (launch._abandon), as
+    Flower's own flwr-clientapp does on exit; without it the interpreter waits forever on retrying threads."""
+    from flwr.superlink.grid import HttpGrid
+    from flwr.supercore.retry.retry_invoker import RetryInvoker
+
+    grid = HttpGrid(runtime_api_address="127.0.0.1:9", insecure=True, token="t")
+    assert isinstance(grid._retry_invoker, RetryInvoker) and hasattr(grid._retry_invoker, "max_tries")
+
+
 def test_only_the_secret_holder_takes_tasks_and_the_installed_app_answers(tmp_path) -> None:  # noqa: ANN001
     from flwr.proto.runtime_pb2 import PushTaskOutputRequest  # pylint: disable=no-name-in-module
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor
@@ -47,3 +57,34 @@ def test_only_the_secret_holder_takes_tasks_and_the_installed_app_answers(tmp_pa
         assert grid.run.fab_hash == expected_app().fab_hash
         [(result, _)] = caller.broadcast("job_done", {}).values()
         assert result["site"] == "901" and result["exiting"] is False  # a one-machine site stays for the next job
+
+
+def test_a_message_whose_objects_stop_arriving_is_given_up() -> None:
+    """A SuperNode that can no longer fetch a message's objects (its SuperLink died mid-transfer) must not keep the
+    site pulling for Flower's two hours: after the stall bound the object reads as not found, which ends Flower's
+    pull with ObjectPullError; objects that keep arriving reset the bound."""
+    import time
+
+    from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+    from flwr.proto.node_pb2 import Node
+
+    from fednnunet.flower.runtime_tasks import _StallBoundedPulls
+
+    class SuperNode:  # answers "found, not yet available" except for the object named "ready"
+        def PullObject(self, request: PullObjectRequest) -> PullObjectResponse:  # noqa: N802
+            ready = request.object_id == "ready"
+            return PullObjectResponse(object_found=True, object_available=ready, object_content=b"x" * ready)
+
+    pulls = _StallBoundedPulls(SuperNode(), stall_s=0.2)
+    pull = make_pull_object_fn_protobuf(pulls.PullObject, Node(node_id=1), 7)
+    with pytest.raises(ObjectUnavailableError):
+        pull("late")  # within the bound: Flower retries
+    time.sleep(0.25)
+    assert pull("ready") == b"x"  # progress resets the bound
+    with pytest.raises(ObjectUnavailableError):
+        pull("late")
+    time.sleep(0.25)
+    with pytest.raises(ObjectPullError):
+        pull("late")

@@ -198,17 +198,17 @@ def test_hospital_network(tmp_path: Path) -> None:
             assert "refused run" in server.text()  # the coordinator's own refusal of the hostile run
 
             # --- training: a client killed and restarted, the server killed and resumed ----------------------
-            train = ["2d", "0", "--rounds", "4", "--iterations-per-round", "2", "--val-iterations", "1",
-                     "--skip-val", "--da-workers", "0", "--round-timeout", "240", "--min-sites", "2",
+            train = ["2d", "0", "--rounds", "5", "--iterations-per-round", "2", "--val-iterations", "1",
+                     "--skip-val", "--da-workers", "0", "--round-timeout", "90", "--min-sites", "2",
                      "--out", str(tmp_path / "train")]
             server = start("srv", ["server", "train", "--num-clients", "3", "--address", server_address,
                                    "--tls-dir", str(tls), *train], "server-train")
             trainers = [client(i, "train", ["2d", "0", "--da-workers", "0"]) for i in range(3)]
-            _wait_for(lambda: "round 1/4" in server.text(), 600, "round 1")
+            _wait_for(lambda: "round 1/5" in server.text(), 600, "round 1")
             trainers[2].kill()
             trainers[2] = client(2, "train", ["2d", "0", "--da-workers", "0"], None)
             _wait_for(lambda: "rejoins" in server.text(), 600, "the restarted hospital to rejoin")
-            _wait_for(lambda: "round 3/4" in server.text(), 600, "round 3")
+            _wait_for(lambda: "round 3/5" in server.text(), 600, "round 3")
             first = server.text()
             server.kill()
             server = start("srv", ["server", "train", "--num-clients", "3", "--address", server_address,
@@ -221,7 +221,7 @@ def test_hospital_network(tmp_path: Path) -> None:
     resumed = server.text()
     assert "resuming after round" in resumed, resumed
     rounds = [json.loads(line)["round"] for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == [1, 2, 3, 4], rounds
+    assert rounds == [1, 2, 3, 4, 5], rounds
     last = json.loads((tmp_path / "train" / "metrics.jsonl").read_text().splitlines()[-1])
     assert sorted(last["sites"]) == ["901", "902", "903"], last
     assert markers_found(markers) == []

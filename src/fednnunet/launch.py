@@ -214,6 +214,19 @@ def wait_listening(group: ProcessGroup, host: str, port: int, what: str, timeout
         time.sleep(0.1)
 
 
+def _abandon(grid: Any) -> None:  # noqa: ANN401 - Flower's HttpGrid
+    """Let a run still being executed fail fast once its SuperLink stops.
+
+    Why: Flower's Grid retries a request without end while the SuperLink is unreachable, in worker threads that
+    the interpreter joins at exit, so an interrupted launcher would never exit. Limiting the retries is what
+    Flower's own ``flwr-clientapp`` does on exit; closing the client ends the requests in flight.
+    """
+    invoker = getattr(grid, "_retry_invoker", None)
+    if invoker is not None:
+        invoker.max_tries = 1
+    grid.close()
+
+
 class ServerNode(ProcessGroup):
     """The coordinating server: a SuperLink on 127.0.0.1 that executes only the runs submitted through this
     object, and, when ``public`` is given, the gateway that serves the sites on that address.
@@ -244,6 +257,7 @@ class ServerNode(ProcessGroup):
         self.database = database
         self.loopback_tls: Path | None = None
         self.own_runs: OwnRuns | None = None
+        self._grids: set[Any] = set()  # the Grids of runs being executed here, abandoned when the node stops
         # the SuperExec secret and the loopback TLS key: a private folder (mode 0700), not the shared work folder
         self.private = Path(tempfile.mkdtemp(prefix="fednnunet-server-"))
 
@@ -317,14 +331,14 @@ class ServerNode(ProcessGroup):
         threading.Thread(target=self._execute_work, args=(claimed, work), name=f"run-{claimed.run_id}",
                          daemon=True).start()
 
-    @staticmethod
-    def _execute_work(claimed, work: Callable[[Any], None]) -> None:  # noqa: ANN001 - a ClaimedTask
+    def _execute_work(self, claimed, work: Callable[[Any], None]) -> None:  # noqa: ANN001 - a ClaimedTask
         from fednnunet.flower.runtime_tasks import SubStatus
 
         status, details = SubStatus.FAILED, "the job failed"
         try:
             with claimed.heartbeats():
                 grid = claimed.server_grid()
+                self._grids.add(grid)
                 try:
                     work(grid)
                     status, details = SubStatus.COMPLETED, ""
@@ -332,6 +346,7 @@ class ServerNode(ProcessGroup):
                     logger.exception("run %d failed", claimed.run_id)
                     details = f"{type(err).__name__}: {err}"
                 finally:
+                    self._grids.discard(grid)
                     grid.close()
             claimed.finish(status, details)
         finally:
@@ -346,6 +361,8 @@ class ServerNode(ProcessGroup):
         if self.own_runs is not None:
             self.own_runs.stop()
             self.own_runs = None
+        for grid in list(self._grids):
+            _abandon(grid)
         super().stop()
         shutil.rmtree(self.private, ignore_errors=True)
 

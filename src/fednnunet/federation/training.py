@@ -434,6 +434,12 @@ def _metrics_ok(metrics: Any) -> None:
                      {"train_loss": float, "epoch_seconds": float, "num_training_cases": int})
 
 
+#: A site left out for one of these has (probably) lost its trainer: its worker restarted, or its node went away and
+#: came back. It is asked to rebuild it from its own checkpoint before the next round (a site that kept its
+#: trainer simply rebuilds it from the same checkpoint).
+SESSION_LOST = ("no training session", "node unavailable")
+
+
 class _FoldRun:
     """One fold's federated training (state kept on the object so the steps stay small)."""
 
@@ -609,7 +615,7 @@ class _FoldRun:
             errors = {**{s: "could not rebuild its trainer" for s in needs_init}, **errors}
             for s, reason in sorted(errors.items()):
                 events.emit("left_out", f"round {r}: site {s} left out: {reason}", round=r, site=s, reason=reason)
-                if "no training session" in reason:
+                if any(sign in reason for sign in SESSION_LOST):
                     needs_init.add(s)
             if len(metrics) < min_sites:
                 raise RuntimeError(f"round {r}: only {len(metrics)} of {len(sites)} site(s) delivered an update, "

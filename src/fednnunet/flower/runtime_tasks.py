@@ -16,6 +16,7 @@ changes it.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
@@ -24,6 +25,7 @@ import httpx
 from flwr.app import Context, Message
 from flwr.common.constant import SubStatus
 from flwr.common.serde import run_from_proto
+from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse  # pylint: disable=no-name-in-module
 from flwr.proto.runtime_pb2 import (  # pylint: disable=no-name-in-module
     AcquireTaskRequest,
     PullTaskInputRequest,
@@ -35,6 +37,7 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
                                          SuperExecAuthHttpInterceptor)
+from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.runtime import RuntimeHttpClient
@@ -54,7 +57,22 @@ _ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 def _client(address: str, interceptors: list, root_certificates: bytes | None) -> RuntimeHttpClient:
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=root_certificates is None, root_certificates=root_certificates,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"), *interceptors])
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"), *interceptors],
+        retry_invoker=_stale_connection_retries())
+
+
+def _stale_connection_retries() -> RetryInvoker:
+    """Send a request again when it met a connection the component had just closed.
+
+    Why: the Runtime API's uvicorn drops a keep-alive connection after 5 s idle, and httpx reuses one for up to
+    5 s, so a reply pushed right after a ~5 s epoch can find its connection closed ("Server disconnected without
+    sending a response"). Flower's own ``flwr-clientapp`` retries these transport errors with
+    ``make_simple_http_retry_invoker``, which however retries without end and interrupts its process on a 401;
+    a long-lived worker needs the retry bounded (a SuperNode that is really gone must surface as an error).
+    """
+    return RetryInvoker(wait_gen_factory=lambda: exponential(base_delay=0.05, max_delay=1),
+                        recoverable_exceptions=(httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError),
+                        max_tries=3, max_time=10.0)
 
 
 class RuntimeTasks:
@@ -75,6 +93,40 @@ class RuntimeTasks:
 
     def close(self) -> None:
         self._client.close()
+
+
+#: A message whose objects stop arriving at the SuperNode for this long is given up (see _StallBoundedPulls).
+PULL_STALL_S = 60.0
+
+
+class _StallBoundedPulls:
+    """The Runtime API client as Flower's ``pull_task_input`` uses it, except that an object still unavailable
+    ``stall_s`` seconds after the last one arrived is reported as not found, which ends Flower's pull.
+
+    Why: the SuperNode fetches a message's objects from the SuperLink while the executor pulls them from the
+    SuperNode; if the SuperLink dies in between (a coordinator restarted), the objects never arrive and Flower's
+    pull retries for up to two hours, while the resumed run's tasks wait behind it. A pull that makes progress
+    (a large model over a slow link) is not affected.
+    """
+
+    def __init__(self, client: RuntimeHttpClient, stall_s: float) -> None:
+        self._client = client
+        self._stall_s = stall_s
+        self._last_progress = time.monotonic()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._client, name)
+
+    def PullObject(self, request: PullObjectRequest) -> PullObjectResponse:  # noqa: N802 - Flower's method name
+        res = self._client.PullObject(request)
+        now = time.monotonic()
+        if res.object_found and res.object_available:
+            self._last_progress = now
+        elif res.object_found and now - self._last_progress > self._stall_s:
+            logger.warning("object %s of run %d unavailable for %.0f s: giving the message up", request.object_id,
+                           request.run_id, now - self._last_progress)
+            return PullObjectResponse(object_found=False, object_available=False)
+        return res
 
 
 @dataclass
@@ -98,9 +150,12 @@ class ClaimedTask:
     def fab_hash(self) -> str:
         return str(self.task.fab_hash)
 
-    def pull_input(self) -> tuple[Message, Context, Run, Fab]:
-        """A ClientApp task's message, context, run and FAB (data only: nothing of the FAB is installed or run)."""
-        return pull_task_input(self._client)
+    def pull_input(self, stall_s: float = PULL_STALL_S) -> tuple[Message, Context, Run, Fab]:
+        """A ClientApp task's message, context, run and FAB (data only: nothing of the FAB is installed or run).
+
+        Raises ``ObjectPullError`` when none of the message's objects became available for ``stall_s`` seconds.
+        """
+        return pull_task_input(_StallBoundedPulls(self._client, stall_s))
 
     def server_grid(self) -> "HttpGrid":
         """A ServerApp task's Grid (Flower's own, bound to this task's token and run) to message the nodes."""

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 
 from fednnunet.array_layout import LayoutError
 from fednnunet.flower.hold import Holds
@@ -157,7 +158,8 @@ class FlowerSiteCaller:
                     self.holds.replied(node, time.time())
                 name = site_of.get(node, f"node {node}")
                 if msg.has_error():
-                    errors[name] = f"Flower error {msg.error.code}: {msg.error.reason}"
+                    lost = "node unavailable, " if msg.error.code == ErrorCode.NODE_UNAVAILABLE else ""
+                    errors[name] = f"{lost}Flower error {msg.error.code}: {msg.error.reason}"
                     continue
                 try:
                     body, out = from_record(msg.content)

@@ -49,6 +49,9 @@ HEAD_TIMEOUT_S = 15.0
 BODY_STALL_S = 30.0
 #: An idle connection is kept this long for the SuperNode's next poll (it polls every 3 s when idle).
 KEEP_ALIVE_S = 10
+#: An idle connection to the SuperLink is reused only this long: its uvicorn closes idle ones after 5 s, and a
+#: request sent on a connection being closed fails (a needless 502 and retry at the SuperNode).
+UPSTREAM_KEEP_ALIVE_S = 2.0
 
 
 def max_request_bytes() -> int:
@@ -101,7 +104,8 @@ def create_app(upstream: str, upstream_ca: Path | None = None, body_stall_s: flo
     allowed = fleet_paths()
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(upstream_ca)) if upstream_ca else True
     client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=httpx.Timeout(600.0, connect=10.0),
-                               limits=httpx.Limits(max_connections=MAX_CONNECTIONS))
+                               limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
+                                                   keepalive_expiry=UPSTREAM_KEEP_ALIVE_S))
 
     async def forward(request: Request) -> Response:
         peer = f"{request.client.host}:{request.client.port}" if request.client else "?"

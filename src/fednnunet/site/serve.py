@@ -114,7 +114,13 @@ def _answer(claimed: ClaimedTask, app, site: str) -> None:  # noqa: ANN001 - a f
     expires (a finished task without a reply would leave the SuperNode waiting)."""
     started = time.perf_counter()
     with claimed.heartbeats():
-        message, context, run, fab = claimed.pull_input()
+        try:
+            message, context, run, fab = claimed.pull_input()
+        except Exception as err:  # noqa: BLE001 - the server lost: this task fails, the site serves the next one
+            logger.error("site %s: could not take the message of run %d (%s: %s); its task is failed", site,
+                         claimed.run_id, type(err).__name__, err)
+            claimed.finish(SubStatus.FAILED, f"message not received: {err}")
+            return
         pulled = time.perf_counter()
         reason = refusal(run.fab_id, run.fab_version, run.fab_hash, fab.content)
         if reason is not None:

@@ -32,6 +32,7 @@ pool), which re-imports the parent's ``__main__``: a script that builds a ``Site
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -315,6 +316,9 @@ class SiteTrainer:
         t.on_train_epoch_end(train_outputs)
 
         self._validation_epoch()
+        logged = self._local_log().my_fantastic_logging
+        if math.isnan(logged["ema_fg_dice"][t.current_epoch]):  # every epoch before was skipped: nnU-Net's EMA
+            logged["ema_fg_dice"][t.current_epoch] = logged["mean_fg_dice"][t.current_epoch]  # starts at its first value
         if self.local_best:
             t.on_epoch_end()  # logs, periodic/best checkpoints, progress.png, current_epoch += 1
         else:  # the same hook with nnU-Net's own switch off: no checkpoint_best.pth by the local EMA
@@ -388,11 +392,25 @@ class SiteTrainer:
 
     def skip_to_epoch(self, epoch: int) -> None:
         """Continue at ``epoch`` (a site that missed federated rounds): the poly learning rate follows
-        ``current_epoch``, the epochs in between are not trained here; nnU-Net's log simply has no entry for them."""
+        ``current_epoch``, the epochs in between are not trained here.
+
+        nnU-Net's log holds exactly one entry per epoch and key (its lists are indexed by epoch), so each skipped
+        epoch gets NaN for what was not measured (gaps in ``progress.png``) and the EMA pseudo-Dice carried over
+        unchanged; written to the local log directly, because logging ``mean_fg_dice`` would update the EMA."""
         self._check_open()
         if not self.current_epoch <= epoch < self.num_epochs:
             raise ValueError(f"cannot skip from epoch {self.current_epoch} to {epoch} of {self.num_epochs}")
+        log = self._local_log()
+        for skipped in range(self.current_epoch, epoch):
+            ema = log.my_fantastic_logging["ema_fg_dice"]
+            carried = ema[-1] if ema else float("nan")
+            for key in log.my_fantastic_logging:
+                log.log(key, carried if key == "ema_fg_dice" else float("nan"), skipped)
         self.trainer.current_epoch = epoch
+
+    def _local_log(self) -> Any:
+        """nnU-Net's per-epoch lists: the trainer's ``nnUNetLogger`` (or the local one inside 2.8's ``MetaLogger``)."""
+        return getattr(self.trainer.logger, "local_logger", self.trainer.logger)
 
     def save_latest(self) -> Path | None:
         """Saves ``checkpoint_latest.pth`` (live weights, optimizer, logger, epoch) with the trainer's own code.
