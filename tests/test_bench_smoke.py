@@ -1,8 +1,7 @@
 """Smoke tests of the benchmarks (issue 6): they run and return their keys. Not benchmarks themselves.
 
-The overhead benchmark runs here at its smallest (one site, two rounds of the tiny model, then Flower's floor
-with one SuperNode: about two minutes), the planning benchmark too (one synthetic site: a federated and a local
-planning, about a minute).
+The overhead and planning commands run whole federations: they are in tests_long/test_bench_commands.py
+(`make test-long`); `fednnunet bench site-epoch` runs in tests/test_gpu_check.py.
 """
 
 from __future__ import annotations
@@ -98,21 +97,6 @@ def test_bench_planning_checks_its_datasets_before_any_work(tmp_path):
     assert not work.exists()
 
 
-def test_bench_planning_command_runs_and_prints_its_keys(tmp_path):
-    res = subprocess.run([FEDNNUNET, "bench", "planning", "--sites", "1", "--json", "--work", str(tmp_path / "w")],
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    result = json.loads(res.stdout)
-    assert {"federated_s", "slowest_local_s", "ratio", "concurrent_local_s", "ratio_vs_concurrent",
-            "per_site_local_s"} <= set(result)
-    assert result["sites"] == 1 and list(result["per_site_local_s"]) == ["901"]
-    assert result["ratio"] == pytest.approx(result["federated_s"] / result["slowest_local_s"])
-    assert result["concurrent_local_s"] == result["slowest_local_s"]  # one site: the local run is not repeated
-    # both sides really planned: each root holds its own plans
-    for side in ("federated", "local"):
-        assert (tmp_path / "w" / side / "nnUNet_preprocessed" / "Dataset901_SiteA" / "nnUNetPlans.json").is_file()
-
-
 def test_bench_aggregate_command_prints_json_keys():
     res = subprocess.run([FEDNNUNET, "bench", "aggregate", "--sites", "2",
                           "--params", "1e5", "--repeats", "1", "--modes", "ffe", "--json"],
@@ -154,23 +138,3 @@ def test_overhead_breakdown_follows_the_last_reply() -> None:
     assert parts["down_s"] == pytest.approx(1.5) and parts["up_s"] == pytest.approx(1.0)
     assert parts["site_extra_s"] == pytest.approx(0.5)
     assert parts["gap_s"] == pytest.approx(0.3)  # only round 1 has a next round
-
-
-def test_bench_overhead_command_runs_a_federation_and_prints_its_keys(tmp_path: Path) -> None:
-    res = subprocess.run([FEDNNUNET, "bench", "overhead", "--sites", "1", "--rounds", "2", "--model", "tiny",
-                          "--json", "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    result = json.loads(res.stdout)
-    assert {"overhead_s_median", "round_s_median", "compute_s_median", "bytes_per_site_per_round",
-            "model_bytes", "breakdown_s_median"} <= set(result)
-    assert [r["round"] for r in result["rounds"]] == [1, 2]
-    assert 0 < result["compute_s_median"] < result["round_s_median"]
-    assert result["overhead_s_median"] == pytest.approx(result["round_s_median"] - result["compute_s_median"],
-                                                        abs=1.0)
-    # one download and one upload of the de-duplicated float32 model per site per round (packing adds < 0.1 %)
-    assert 2.0 <= result["bytes_per_site_per_round"] / result["model_bytes"] < 2.01
-    # Flower's floor ran in the same run: as many SuperNodes, the round's download as payload, two timed rounds
-    floor = result["floor"]
-    assert floor["sites"] == 1 and len(floor["round_s"]) == 2 and floor["round_s_median"] > 0
-    assert result["model_bytes"] <= floor["payload_bytes"] < 1.01 * result["model_bytes"]
-    assert result["overhead_above_floor_s"] == pytest.approx(result["overhead_s_median"] - result["floor_s_median"])

@@ -166,7 +166,8 @@ def test_hospital_network(tmp_path: Path) -> None:
     def client(i: int, task: str, extra: list[str], name: str | None = None) -> _Proc:
         key = ["--tls-root", str(tls / "ca.crt"), "--auth-key", str(tls / "sites" / f"site{i + 1}.key")]
         return start(hospitals[i], ["client", task, str(901 + i), *extra, "--server", server_address,
-                                    *(key if name is None else []), "--connect-timeout", "60", *extra_refused(name)],
+                                    *(key if name is None else []), "--connect-timeout", "60" if name is None else "10",
+                                    *extra_refused(name)],
                      name or f"{task}-{hospitals[i]}")
 
     def extra_refused(name: str | None) -> list[str]:

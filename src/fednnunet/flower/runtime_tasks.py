@@ -96,7 +96,8 @@ class RuntimeTasks:
 
 
 #: A message whose objects stop arriving at the SuperNode for this long is given up (see _StallBoundedPulls).
-PULL_STALL_S = 60.0
+#: (Flower's SuperNode fetches ≤ 5 MiB chunks two at a time: 30 s without one is a link below ~3 Mbit/s, or none.)
+PULL_STALL_S = 30.0
 
 
 class _StallBoundedPulls:

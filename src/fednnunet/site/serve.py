@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 #: server (Flower's SuperNode looks for pushed replies every 0.5 s; there is no API to ask whether one has left).
 RELEASE_GRACE_S = 3.0
 #: How long a refused activation is tried again after the worker started: Flower counts a node as online until it
-#: missed two 30 s heartbeats, so a client restarted right after it was killed is let in within about a minute.
+#: missed two 30 s heartbeats, so a client restarted right after it was killed is let in within about a minute
+#: (never longer than the client's --connect-timeout).
 ACTIVATION_WAIT_S = 80.0
 ACTIVATION_RETRY_S = 5.0
 #: Seconds between claims while no task is pending. A claim is one local HTTP request; the SuperNode itself only
@@ -73,7 +74,8 @@ def serve(worker: SiteWorker, supernode: SuperNodeProcess, poll_s: float = POLL_
     try:
         while not worker.exit_requested:
             if (code := supernode.exit_code()) is not None:
-                if supernode.activation_refused() and time.monotonic() - started < ACTIVATION_WAIT_S:
+                wait_s = min(ACTIVATION_WAIT_S, supernode.spec.max_wait_s or ACTIVATION_WAIT_S)
+                if supernode.activation_refused() and time.monotonic() - started < wait_s:
                     # a client restarted right after it was killed: the server still counts the old one as online
                     logger.warning("site %s: the server did not let this site in (yet); trying again", worker.site)
                     time.sleep(ACTIVATION_RETRY_S)
