@@ -1,5 +1,5 @@
 """The benchmark protocol: split bookkeeping (fast) and ``run_benchmark`` end to end on two built-in synthetic 2D
-sites at a minimal budget (methods local and FFE, fold 0, 1 round of 2 iterations).
+sites at a minimal budget (methods local and FFE, fold 0, 2 rounds of 2 iterations).
 
 The end-to-end run costs about 3 minutes on an idle 2-core CPU (5+ minutes when the machine is busy): stock planning
 of two sites, two tiny trainers, two one-round federations (plan_and_preprocess, train; SuperLink, SuperNodes and
@@ -75,12 +75,12 @@ def test_benchmark_end_to_end(raw: Path, tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     events: list[dict] = []
     out = tmp_path / "bench"
-    results = run_benchmark(raw, ["901", "902"], "2d", out, folds=[0], rounds=1, iterations_per_round=2,
+    results = run_benchmark(raw, ["901", "902"], "2d", out, folds=[0], rounds=2, iterations_per_round=2,
                             methods=("local", "ffe"), progress=events.append, seed=3)
 
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["methods"].keys() == {"local", "ffe"}
-    assert on_disk["command"] and on_disk["budget"]["rounds"] == 1 and on_disk["budget"]["iterations_per_round"] == 2
+    assert on_disk["command"] and on_disk["budget"]["rounds"] == 2 and on_disk["budget"]["iterations_per_round"] == 2
     splits = {s.key: site_splits(s.folder)[0]["val"] for s in resolve_sites(raw, ["901", "902"])}
     for method, per_site in on_disk["methods"].items():
         assert per_site.keys() == {"SiteA", "SiteB"}
@@ -102,9 +102,13 @@ def test_benchmark_end_to_end(raw: Path, tmp_path: Path, monkeypatch: pytest.Mon
     interval = on_disk["intervals"]["ffe_vs_local"]["sites"]["SiteA"]
     assert interval["n_repeats"] == 1 and interval["ci_low"] <= interval["mean_diff"] <= interval["ci_high"]
 
+    # what averaging cost each site: FFE's delivered model of round 2 against the local models of round 1
+    gap = on_disk["averaging_gap"]
+    assert set(gap) == {"ffe"} and set(gap["ffe"]) == {"SiteA", "SiteB"}
+    assert all(e["rounds"] == [1] and math.isfinite(e["gap"]) for e in gap["ffe"].values())
     md = (out / "results.md").read_text()
     assert "| Method | SiteA | SiteB |" in md and "| Local |" in md and "| FFE |" in md and "Wilcoxon" in md
-    assert "| FFE − Local |" in md
+    assert "| FFE − Local |" in md and "## What averaging costs each site" in md
     for png in ("dsc.png", "training_curves.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     # each method had its own nnU-Net roots: ordinary results folders in both
@@ -112,6 +116,19 @@ def test_benchmark_end_to_end(raw: Path, tmp_path: Path, monkeypatch: pytest.Mon
         assert (out / method / "repeat_0" / "nnUNet_results" / "Dataset901_SiteA" / "nnUNetTrainer__nnUNetPlans__2d"
                 / "fold_0" / "checkpoint_final.pth").is_file()
     # progress: method, site, fold and round, with a time estimate
-    assert any(e["method"] == "ffe" and e["round"] == "1/1" and e["fold"] == 0 for e in events)
-    assert any(e["method"] == "local" and e["site"] == "SiteB" and e["round"] == "1/1" for e in events)
+    assert any(e["method"] == "ffe" and e["round"] == "2/2" and e["fold"] == 0 for e in events)
+    assert any(e["method"] == "local" and e["site"] == "SiteB" and e["round"] == "2/2" for e in events)
     assert all("elapsed" in e and "eta" in e for e in events)
+
+
+def test_ffe_variants_are_checked_before_anything_runs(raw: Path, tmp_path: Path) -> None:
+    from fednnunet.benchmark.protocol import FFE_VARIANTS, BenchmarkError
+
+    assert FFE_VARIANTS["ffe-often"] == ((), 5) and FFE_VARIANTS["ffe-uniform"][0] == ("--weighting", "uniform")
+    with pytest.raises(BenchmarkError, match=r"ffe-often averages 5 x as often: iterations_per_round \(12\) must be a "
+                                             r"multiple of 5"):
+        run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", rounds=1, iterations_per_round=12,
+                      methods=("ffe", "ffe-often"))
+    with pytest.raises(BenchmarkError, match="choose from local, centralized, ffe, asym, ffe16, ffe-uniform, ffe-often"):
+        run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", methods=("ffe-fast",))
+    assert not (tmp_path / "b").exists()

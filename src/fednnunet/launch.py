@@ -10,6 +10,7 @@ Every process gets its own session so that its whole tree is stopped on exit, on
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import json
 import logging
@@ -72,6 +73,35 @@ def _bin(name: str) -> str:
     """An executable of this environment (the venv's bin folder first, then PATH)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+_private_folders: set[Path] = set()
+
+
+def private_folder(prefix: str) -> Path:
+    """A new folder for secrets and keys, readable by this user only (mode 0700), removed when this process ends.
+
+    Why a registry and not only the owner's ``stop()``: a site worker ends by SIGTERM through the signal's default
+    action (see :func:`fednnunet.site.worker.install_sigterm_handling`), which runs no ``finally`` and no atexit;
+    it calls :func:`remove_private_folders` first, so no SuperExec secret is left behind in the temp folder.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    _private_folders.add(path)
+    return path
+
+
+def remove_private_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    _private_folders.discard(path)
+
+
+def remove_private_folders() -> None:
+    """Remove every folder :func:`private_folder` made in this process (at exit, and before dying of a signal)."""
+    for path in list(_private_folders):
+        remove_private_folder(path)
+
+
+atexit.register(remove_private_folders)
 
 
 def write_secret(folder: Path) -> Path:
@@ -259,7 +289,7 @@ class ServerNode(ProcessGroup):
         self.own_runs: OwnRuns | None = None
         self._grids: set[Any] = set()  # the Grids of runs being executed here, abandoned when the node stops
         # the SuperExec secret and the loopback TLS key: a private folder (mode 0700), not the shared work folder
-        self.private = Path(tempfile.mkdtemp(prefix="fednnunet-server-"))
+        self.private = private_folder("fednnunet-server-")
 
     @property
     def site_address(self) -> str:
@@ -364,7 +394,7 @@ class ServerNode(ProcessGroup):
         for grid in list(self._grids):
             _abandon(grid)
         super().stop()
-        shutil.rmtree(self.private, ignore_errors=True)
+        remove_private_folder(self.private)
 
     def _write_cli_config(self) -> None:
         home = self.flwr_home / "cli"

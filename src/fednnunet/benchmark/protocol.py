@@ -20,8 +20,11 @@ Methods:
   trained as one; fold n of the pooled dataset is the union of every site's fold n.
 * ``ffe``: ``fednnunet run plan_and_preprocess`` + ``fednnunet run train`` (FedAvg on identical plans).
 * ``asym``: the same with ``--asym`` (each site plans alone, AsymFedAvg).
-* ``ffe16`` (not in the default set): FFE with ``--transfer-dtype float16``, to show what 16-bit transfer does
-  to DSC (paired Wilcoxon test against ``ffe``).
+* FFE variants (not in the default set; each compared with ``ffe``, paired, on the same cases and seeds), to find
+  out what 16-bit transfer costs and why the aggregate can lose to the sites' local models (issue 17):
+  ``ffe16`` (``--transfer-dtype float16``), ``ffe-uniform`` (``--weighting uniform``: the paper's plain mean
+  instead of weights by training cases) and ``ffe-often`` (the same iterations, averaged 5 x as often: 5 x the
+  rounds of 1/5 the iterations; local SGD momentum has less time to drive a site away from the others).
 
 Same splits: before any training, every site's ``splits_final.json`` is written the way nnU-Net's trainer would
 write it (``generate_crossval_split`` over the sorted case ids, seed 12345, 5 folds) into every method's
@@ -69,7 +72,13 @@ __all__ = ["run_benchmark", "BenchmarkError", "METHODS", "resolve_sites", "site_
 
 METHODS = ("local", "centralized", "ffe", "asym")
 #: Methods that run only when asked for with ``methods``.
-EXTRA_METHODS = ("ffe16",)
+#: FFE variants: name -> (extra ``fednnunet run train`` arguments, how many times as often the sites average).
+FFE_VARIANTS: dict[str, tuple[tuple[str, ...], int]] = {
+    "ffe16": (("--transfer-dtype", "float16"), 1),
+    "ffe-uniform": (("--weighting", "uniform"), 1),
+    "ffe-often": ((), 5),
+}
+EXTRA_METHODS = tuple(FFE_VARIANTS)
 TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__{configuration}"
 _PROGRESS = "@@progress "
 _ROUND = re.compile(r"round (\d+)/(\d+)")
@@ -297,6 +306,11 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
         raise BenchmarkError(f"folds must be in 0..4 (cross-validation), got {folds}")
     if rounds < 1 or iterations_per_round < 1 or repeats < 1:
         raise BenchmarkError("rounds, iterations_per_round and repeats must be >= 1")
+    for method in methods:
+        every = FFE_VARIANTS.get(method, ((), 1))[1]
+        if iterations_per_round % every:
+            raise BenchmarkError(f"{method} averages {every} x as often: iterations_per_round ({iterations_per_round}) "
+                                 f"must be a multiple of {every}")
     if seed is not None and seed < 0:
         raise BenchmarkError(f"seed must be >= 0, got {seed}")
     seeds: list[int | None] = [seed] if seed is None and repeats == 1 else [(seed or 0) + k for k in range(repeats)]
@@ -320,14 +334,16 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
                    splits, prog)
     per_repeat: list[dict[str, dict[str, list]]] = []
     curves: dict[str, Path] = {}  # the first repeat's
+    metrics_files: dict[str, list[Path]] = {m: [] for m in methods}  # every repeat's (first fold)
     timings: dict[str, float] = {m: 0.0 for m in methods}
     for k, repeat_seed in enumerate(seeds):
         ctx.repeat, ctx.seed = k, repeat_seed
         per_method: dict[str, dict[str, list]] = {}
         for method in methods:
             t0 = time.time()
-            per_method[method], curve = getattr(ctx, f"_run_{method}")()
+            per_method[method], curve = ctx.run(method)
             curves.setdefault(method, curve)
+            metrics_files[method].append(curve)
             timings[method] = round(timings[method] + time.time() - t0, 1)
             prog(f"repeat {k + 1}/{repeats} (seed {repeat_seed}) done in {time.time() - t0:.0f} s", method=method)
         per_repeat.append(per_method)
@@ -342,6 +358,7 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
                    f"{configuration!r}, external={[d.key for d in ext]}, folds={folds}, rounds={rounds}, "
                    f"iterations_per_round={iterations_per_round}, methods={methods}, seed={seed}, repeats={repeats})")
     results = build_repeated_results(per_repeat, seeds, command, budget, external_sites=[d.key for d in ext])
+    results["averaging_gap"] = _averaging(metrics_files, internal)
     results["sites"] = {d.key: {"id": d.id, "dataset": d.name, "external": d in ext} for d in internal + ext}
     results["predictions"] = {m: {d.key: [f for k in range(repeats) for f in _prediction_folders(
         out / m / f"repeat_{k}" / "predictions", d, d in ext)] for d in internal + ext} for m in methods}
@@ -431,7 +448,9 @@ class _Context:
         _stream([sys.executable, "-m", "fednnunet.cli", *args], env, step, line,
                 self._run_dir(method) / "federation.log")
 
-    def _train_federated(self, method: str, env: dict[str, str], asym: bool, train_args: Sequence[str] = ()) -> Path:
+    def _train_federated(self, method: str, env: dict[str, str], asym: bool, train_args: Sequence[str] = (),
+                         every: int = 1) -> Path:
+        """``every``: the sites average that many times as often (rounds x every of iterations / every)."""
         ids = " ".join(str(d.id) for d in self.internal)
         if self.repeat == 0:  # later repeats train on the same plans
             self.prog("federated plan_and_preprocess" + (" --asym" if asym else ""), method=method)
@@ -446,8 +465,9 @@ class _Context:
             run = self._run_dir(method) / "runs" / f"fold_{fold}"
             self.prog("federated training", method=method, fold=fold)
             self._fednnunet(method, env, [
-                "run", "train", ids, self.configuration, str(fold), "--rounds", str(self.rounds),
-                "--iterations-per-round", str(self.iterations), "--val-iterations", str(self.val_iterations),
+                "run", "train", ids, self.configuration, str(fold), "--rounds", str(self.rounds * every),
+                "--iterations-per-round", str(self.iterations // every),
+                "--val-iterations", str(max(1, self.val_iterations // every)),
                 "--skip-val", "--da-workers", "0", "--out", str(run), *(["--asym"] if asym else []),
                 *([] if self.seed is None else ["--seed", str(self.seed)]), *train_args],
                 f"{method}: training fold {fold}", fold=fold)
@@ -512,10 +532,18 @@ class _Context:
         models = {d.key: self._model_folder("local", d.name) for d in self.internal}
         return self._finish_per_site("local", env, lambda d: models[d.key], models), curves
 
-    def _run_ffe(self, asym: bool = False, method: str = "ffe", train_args: Sequence[str] = ()) -> tuple[dict, Path]:
+    def run(self, method: str) -> tuple[dict, Path]:
+        """Train and evaluate one method for the current repeat: per-site per-case results, training curves."""
+        if method in FFE_VARIANTS:
+            train_args, every = FFE_VARIANTS[method]
+            return self._run_ffe(method=method, train_args=train_args, every=every)
+        return getattr(self, f"_run_{method}")()
+
+    def _run_ffe(self, asym: bool = False, method: str = "ffe", train_args: Sequence[str] = (),
+                 every: int = 1) -> tuple[dict, Path]:
         method = "asym" if asym else method
         env = self._env(method, self.raw)
-        curves = self._train_federated(method, env, asym, train_args)
+        curves = self._train_federated(method, env, asym, train_args, every)
         models = {d.key: self._model_folder(method, d.name) for d in self.internal}
         # FFE: every site's final checkpoint is the global model; one of them predicts the external sites
         ext_models = models if asym else {"global": models[self.internal[0].key]}
@@ -523,9 +551,6 @@ class _Context:
 
     def _run_asym(self) -> tuple[dict, Path]:
         return self._run_ffe(asym=True)
-
-    def _run_ffe16(self) -> tuple[dict, Path]:
-        return self._run_ffe(method="ffe16", train_args=["--transfer-dtype", "float16"])
 
     def _run_centralized(self) -> tuple[dict, Path]:
         from fednnunet.data.pooled import pool_datasets
@@ -583,6 +608,19 @@ Notes:
   epochs (federated rounds) of the same number of iterations per fold.
 - Output folder: `{out}`.
 """
+
+
+def _averaging(metrics_files: dict[str, list[Path]], internal: Sequence[SiteData]) -> dict[str, Any]:
+    """What averaging cost each site, per federated method (``evaluation.averaging``), keyed by the sites' names in
+    the results (the federation names a site by its dataset id); methods without delivered validation are left
+    out."""
+    from fednnunet.evaluation.averaging import averaging_table
+    from fednnunet.evaluation.report import read_round_records
+
+    key_of = {str(d.id): d.key for d in internal}
+    table = averaging_table({m: [read_round_records(p) for p in files if p.is_file()]
+                             for m, files in metrics_files.items()})
+    return {m: {key_of.get(site, site): e for site, e in per_site.items()} for m, per_site in table.items() if per_site}
 
 
 def _prediction_folders(pred_root: Path, d: SiteData, external: bool) -> list[str]:

@@ -73,20 +73,23 @@ __all__ = [
     "markdown_table",
     "plot_dsc",
     "plot_training_curves",
+    "read_round_records",
 ]
 
 #: Display names of the methods (as in the paper's tables); unknown methods are shown as given.
 METHOD_NAMES: dict[str, str] = {"local": "Local", "centralized": "Centralized", "ffe": "FFE", "asym": "AsymFedAvg",
-                                "ffe16": "FFE (16-bit transfer)"}
+                                "ffe16": "FFE (16-bit transfer)", "ffe-uniform": "FFE (uniform weights)",
+                                "ffe-often": "FFE (averaging 5 x as often)"}
 #: The paired tests of the paper: (method a, method b), reported as p of a vs b.
 COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "local"), ("ffe", "centralized"), ("asym", "local"),
-                                            ("ffe16", "ffe"))
+                                            ("ffe16", "ffe"), ("ffe-uniform", "ffe"), ("ffe-often", "ffe"))
 #: The paired differences with confidence intervals (bootstrap over cases and repeats): (a, b) = DSC a - DSC b.
-INTERVAL_COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "centralized"), ("ffe", "local"))
+INTERVAL_COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "centralized"), ("ffe", "local"), ("ffe-uniform", "ffe"),
+                                                     ("ffe-often", "ffe"))
 #: Methods whose images never leave a site. Centralized training is the upper bound, never bolded.
-PRIVACY_PRESERVING: frozenset[str] = frozenset({"local", "ffe", "asym", "ffe16"})
+PRIVACY_PRESERVING: frozenset[str] = frozenset({"local", "ffe", "asym", "ffe16", "ffe-uniform", "ffe-often"})
 #: Display order of known methods; others follow in the order given.
-_ORDER = ("local", "ffe", "ffe16", "asym", "centralized")
+_ORDER = ("local", "ffe", "ffe16", "ffe-uniform", "ffe-often", "asym", "centralized")
 
 
 # ---------------------------------------------------------------------------------------------- file helpers
@@ -488,6 +491,7 @@ def markdown_table(results: Mapping[str, Any], dsc_digits: int = 3, hd95_digits:
         text += _comparison_rows(wil, sites, " vs ", lambda e: f"n/a ({e['reason']})" if e["p"] is None else
                                  f"p = {_fmt_p(e['p'])} (n={e['n']}, ΔDSC {e['mean_diff']:+.3f})")
 
+    text += _averaging_lines(results.get("averaging_gap") or {}, sites, header)
     if results.get("command"):
         text += ["", "Command:", "", "```", str(results["command"]), "```"]
     if results.get("budget"):
@@ -519,6 +523,28 @@ def _interval_lines(results: Mapping[str, Any], sites: Sequence[str], header: An
                 f"(n={e['n_cases']}, R={e['n_repeats']})")
 
     return lines + _comparison_rows(intervals, sites, " − ", cell)
+
+
+def _averaging_lines(table: Mapping[str, Any], sites: Sequence[str], header: Any) -> list[str]:
+    """What averaging took from each site (``evaluation.averaging``): local -> delivered pseudo-Dice and the gap."""
+    if not any(table.values()):
+        return []
+    lines = ["", "## What averaging costs each site (online pseudo-Dice, second half of the rounds)", "",
+             "Local: the site's model after its epochs (the figure nnU-Net logs); delivered: the model it received "
+             "next, validated on the same cases before training; gap = delivered - local, mean over the rounds "
+             "(± sd over repeats). First fold's run of every repeat.", "",
+             "| Method | " + " | ".join(header(s) for s in sites) + " |", "|---|" + "---|" * len(sites)]
+    for method in _ordered_methods(table):
+        if not table[method]:
+            continue
+        cells = []
+        for site in sites:
+            e = table[method].get(site)
+            sd = "" if e is None or e["gap_sd"] is None else f" ± {e['gap_sd']:.3f}"
+            cells.append("–" if e is None else
+                         f"{e['local']:.3f} → {e['delivered']:.3f} ({e['gap']:+.3f}{sd}, R={e['runs']})")
+        lines.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _comparison_rows(table: Mapping[str, Any], sites: Sequence[str], sep: str, cell: Any) -> list[str]:
@@ -593,7 +619,7 @@ def plot_dsc(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     return _save_figure(fig, path)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_round_records(path: Path) -> list[dict[str, Any]]:
     """Round records of a metrics JSON-lines file; malformed lines are skipped with a warning."""
     records = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
@@ -653,7 +679,7 @@ def plot_training_curves(metrics_jsonl_by_method: Mapping[str, str | os.PathLike
             logger.warning("no training metrics for %s: %s does not exist", method, file)
             continue
         series: dict[str, dict[str, list[float]]] = {}
-        for rec in _read_jsonl(file):
+        for rec in read_round_records(file):
             rnd = _number(rec.get("round", rec.get("epoch")))
             for site, m in rec["sites"].items():
                 if not isinstance(m, dict):

@@ -11,14 +11,13 @@ the reason from the SuperNode's log, when the SuperNode exits.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fednnunet.launch import die_with_parent, free_port, supernode_command, tail, terminate_all, write_secret
+from fednnunet.launch import (die_with_parent, free_port, private_folder, remove_private_folder, supernode_command, tail,
+                              terminate_all, write_secret)
 
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 #: (text in the SuperNode's log, what it means for a person)
@@ -48,7 +47,7 @@ class SuperNodeProcess:
         self.spec = spec
         self.log = Path(log)
         self.runtime_port = runtime_port or free_port()
-        self.private = Path(tempfile.mkdtemp(prefix="fednnunet-site-"))  # mode 0700: the secret's folder
+        self.private = private_folder("fednnunet-site-")  # the secret's folder
         self.secret_file = write_secret(self.private)
         self.popen: subprocess.Popen | None = None
 
@@ -97,4 +96,4 @@ class SuperNodeProcess:
     def stop(self) -> None:
         if self.popen is not None:
             terminate_all([self.popen])
-        shutil.rmtree(self.private, ignore_errors=True)
+        remove_private_folder(self.private)

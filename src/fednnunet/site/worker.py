@@ -284,7 +284,11 @@ class SiteWorker:
 
 
 def _die_of(signum: int) -> None:
-    """End the process as the signal's default action would (what a SIGTERM did before a handler was set)."""
+    """End the process as the signal's default action would (what a SIGTERM did before a handler was set), after
+    removing the private folders holding its SuperNode's secret (the default action runs no cleanup)."""
+    from fednnunet.launch import remove_private_folders
+
+    remove_private_folders()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
