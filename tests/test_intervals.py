@@ -73,3 +73,34 @@ def test_repeated_results_mean_sd_intervals_and_markdown() -> None:
     md = markdown_table(r)
     assert f"**{ffe['dsc']:.3f}** ± 0.014" in md and "R=2" in md  # bold: best privacy-preserving
     assert "| FFE − Centralized | -0.004 [-0.004, -0.004] within ±0.01; below (n=12, R=2) |" in md
+
+
+def test_compare_runs_pairs_two_benchmarks_by_case_and_repeat(tmp_path) -> None:
+    """One method at two budgets (the convergence check): +0.02 at every case of SiteA; SiteB only in one run."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fednnunet.evaluation.report import compare_runs
+
+    base = np.linspace(0.6, 0.8, 6)
+    small = build_repeated_results([{"centralized": {"SiteA": _cases(base + k * 0.01), "SiteB": _cases(base)}}
+                                    for k in range(2)], [0, 1], "small", {})
+    large = build_repeated_results([{"centralized": {"SiteA": _cases(base + k * 0.01 + 0.02)}} for k in range(2)],
+                                   [0, 1], "large", {})
+    table = compare_runs(large, "centralized", small, "centralized")
+    assert set(table) == {"SiteA"}
+    assert table["SiteA"]["mean_diff"] == pytest.approx(0.02) and table["SiteA"]["n_repeats"] == 2
+    assert table["SiteA"]["ci_low"] == pytest.approx(0.02) and table["SiteA"]["ci_high"] == pytest.approx(0.02)
+    with pytest.raises(ValueError, match="method 'ffe' is not in the results"):
+        compare_runs(large, "ffe", small, "centralized")
+
+    for name, res in (("large", large), ("small", small)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(res))
+    cli = Path(sys.executable).parent / "fednnunet"
+    out = subprocess.run([str(cli), "compare-results", str(tmp_path / "large"), str(tmp_path / "small"),
+                          "--method", "centralized"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "SiteA: +0.0200 [+0.0200, +0.0200] (n=6 cases, R=2)" in out.stdout

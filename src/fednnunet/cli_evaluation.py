@@ -1,5 +1,5 @@
-"""``fednnunet evaluate``, ``fednnunet benchmark`` and ``fednnunet convert``: commands print for people, the work
-is in ``fednnunet.evaluation`` and ``fednnunet.benchmark``."""
+"""``fednnunet evaluate``, ``fednnunet benchmark``, ``fednnunet compare-results`` and ``fednnunet convert``: commands
+print for people, the work is in ``fednnunet.evaluation`` and ``fednnunet.benchmark``."""
 
 from __future__ import annotations
 
@@ -122,6 +122,29 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- compare-results ---------------------------------------------------------------------------------------------
+def cmd_compare_results(args: argparse.Namespace) -> int:
+    from fednnunet.evaluation.report import compare_runs
+
+    try:
+        a, b = (json.loads((Path(p) / "results.json" if Path(p).is_dir() else Path(p)).read_text())
+                for p in (args.a, args.b))
+        method_b = args.method_b or args.method
+        table = compare_runs(a, args.method, b, method_b)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"DSC({args.method} in {args.a}) - DSC({method_b} in {args.b}), paired by case and repeat index, "
+          "95 % bootstrap interval:")
+    for site, e in table.items():
+        if e["mean_diff"] is None:
+            print(f"  {site}: n/a ({e.get('reason')})")
+            continue
+        print(f"  {site}: {e['mean_diff']:+.4f} [{e['ci_low']:+.4f}, {e['ci_high']:+.4f}] (n={e['n_cases']} cases, "
+              f"R={e['n_repeats']}{', unpaired cases left out' if e.get('unpaired_cases') else ''})")
+    return 0
+
+
 # --- convert -----------------------------------------------------------------------------------------------------
 def cmd_convert_retina(args: argparse.Namespace) -> int:
     from fednnunet.data.retina import convert_retina_vessels
@@ -139,7 +162,7 @@ def cmd_convert_retina(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    """Registers ``evaluate``, ``benchmark`` and ``convert`` on the ``fednnunet`` sub-parsers."""
+    """Registers ``evaluate``, ``benchmark``, ``compare-results`` and ``convert`` on the ``fednnunet`` sub-parsers."""
     p = sub.add_parser("evaluate", help="cross-validation predictions of a trained site model, DSC and HD95")
     p.add_argument("-d", required=True, help="dataset id or name of the site")
     p.add_argument("-c", required=True, help="nnU-Net configuration, e.g. 2d")
@@ -171,6 +194,13 @@ def add_commands(sub) -> None:
     p.add_argument("--raw", help="nnU-Net raw folder of the sites (default: $nnUNet_raw); never written")
     p.add_argument("--out", required=True, help="output folder (each method gets its own nnU-Net roots inside)")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("compare-results", help="paired DSC difference between two benchmark runs (e.g. two budgets)")
+    p.add_argument("a", help="benchmark output folder (or its results.json)")
+    p.add_argument("b", help="the other benchmark output folder (same splits; repeats paired by index)")
+    p.add_argument("--method", required=True, help="method in A (and in B unless --method-b)")
+    p.add_argument("--method-b", help="method in B (default: --method)")
+    p.set_defaults(func=cmd_compare_results)
 
     p = sub.add_parser("convert", help="convert public collections into nnU-Net raw datasets")
     conv = p.add_subparsers(dest="collection", required=True)

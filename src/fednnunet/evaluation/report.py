@@ -67,6 +67,7 @@ __all__ = [
     "build_results",
     "build_repeated_results",
     "interval_table",
+    "compare_runs",
     "wilcoxon_table",
     "write_results_json",
     "write_markdown",
@@ -86,6 +87,8 @@ COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "local"), ("ffe", "centraliz
 #: The paired differences with confidence intervals (bootstrap over cases and repeats): (a, b) = DSC a - DSC b.
 INTERVAL_COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "centralized"), ("ffe", "local"), ("ffe-uniform", "ffe"),
                                                      ("ffe-often", "ffe"))
+#: How the paired intervals are computed (``evaluation.intervals``), as recorded in the results.
+INTERVAL_METHOD = "two-stage percentile bootstrap over repeats and cases (seed 0)"
 #: Methods whose images never leave a site. Centralized training is the upper bound, never bolded.
 PRIVACY_PRESERVING: frozenset[str] = frozenset({"local", "ffe", "asym", "ffe16", "ffe-uniform", "ffe-often"})
 #: Display order of known methods; others follow in the order given.
@@ -396,20 +399,36 @@ def interval_table(results: Mapping[str, Any],
     the non-inferiority reading at the 0.01 margin (``intervals.paired_difference``)."""
     from fednnunet.evaluation.intervals import MARGIN, N_BOOT, paired_difference
 
-    repeats = results["repeats"]
     table: dict[str, Any] = {}
     for a, b in comparisons:
         if a not in results["methods"] or b not in results["methods"]:
             continue
-        sites: dict[str, Any] = {}
-        for site in _ordered_sites(results):
-            runs_a = [r["methods"][a][site]["per_case"] for r in repeats if site in r["methods"].get(a, {})]
-            runs_b = [r["methods"][b][site]["per_case"] for r in repeats if site in r["methods"].get(b, {})]
-            sites[site] = paired_difference(runs_a, runs_b)
+        sites = {site: paired_difference(_runs(results, a, site), _runs(results, b, site))
+                 for site in _ordered_sites(results)}
         table[f"{a}_vs_{b}"] = {"a": a, "b": b, "margin": MARGIN, "level": 0.95, "n_boot": N_BOOT,
-                                "method": "two-stage percentile bootstrap over repeats and cases (seed 0)",
-                                "sites": sites}
+                                "method": INTERVAL_METHOD, "sites": sites}
     return table
+
+
+def compare_runs(results_a: Mapping[str, Any], method_a: str, results_b: Mapping[str, Any],
+                 method_b: str) -> dict[str, Any]:
+    """DSC(method_a in results_a) - DSC(method_b in results_b) per site both evaluated, with the interval of
+    :func:`interval_table`: two benchmark runs on the same splits, paired by case and by repeat index (so the same
+    seeds when both used the same ``--seed``), e.g. one method at two budgets to see whether it still improves."""
+    from fednnunet.evaluation.intervals import paired_difference
+
+    for results, method in ((results_a, method_a), (results_b, method_b)):
+        if method not in results["methods"]:
+            raise ValueError(f"method {method!r} is not in the results (it has {', '.join(results['methods'])})")
+    sites = [s for s in _ordered_sites(results_a) if s in results_a["methods"][method_a]
+             and s in results_b["methods"][method_b]]
+    return {site: paired_difference(_runs(results_a, method_a, site), _runs(results_b, method_b, site))
+            for site in sites}
+
+
+def _runs(results: Mapping[str, Any], method: str, site: str) -> list[list[dict[str, Any]]]:
+    """The per-case lists of every repeat of ``method`` at ``site``."""
+    return [r["methods"][method][site]["per_case"] for r in results["repeats"] if site in r["methods"].get(method, {})]
 
 
 # ---------------------------------------------------------------------------------------------- Markdown
