@@ -59,32 +59,61 @@ def test_only_the_secret_holder_takes_tasks_and_the_installed_app_answers(tmp_pa
         assert result["site"] == "901" and result["exiting"] is False  # a one-machine site stays for the next job
 
 
-def test_a_message_whose_objects_stop_arriving_is_given_up() -> None:
-    """A SuperNode that can no longer fetch a message's objects (its SuperLink died mid-transfer) must not keep the
-    site pulling for Flower's two hours: after the stall bound the object reads as not found, which ends Flower's
-    pull with ObjectPullError; objects that keep arriving reset the bound."""
+def test_objects_on_their_way_are_pulled_promptly_and_a_stalled_message_is_given_up() -> None:
+    """The site claims a task as soon as its SuperNode knows the message, while the objects are still on their way:
+    they must reach the site as soon as they arrive (Flower's own retry would wait 1 s, then 2 s, ...). A SuperNode
+    that can no longer fetch them (its SuperLink died mid-transfer) must not keep the site pulling for Flower's
+    two hours: after the stall bound the object reads as not found, which ends Flower's pull with ObjectPullError."""
     import time
+    from collections import Counter
 
     from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
-    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
     from flwr.proto.node_pb2 import Node
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError, pull_objects
 
-    from fednnunet.flower.runtime_tasks import _StallBoundedPulls
+    from fednnunet.flower.runtime_tasks import _PromptPulls
 
-    class SuperNode:  # answers "found, not yet available" except for the object named "ready"
+    class SuperNode:  # "late" arrives at the 5th request, "never" never does
+        calls: Counter = Counter()
+
         def PullObject(self, request: PullObjectRequest) -> PullObjectResponse:  # noqa: N802
-            ready = request.object_id == "ready"
+            self.calls[request.object_id] += 1
+            ready = request.object_id == "ready" or (request.object_id == "late" and self.calls["late"] >= 5)
             return PullObjectResponse(object_found=True, object_available=ready, object_content=b"x" * ready)
 
-    pulls = _StallBoundedPulls(SuperNode(), stall_s=0.2)
-    pull = make_pull_object_fn_protobuf(pulls.PullObject, Node(node_id=1), 7)
-    with pytest.raises(ObjectUnavailableError):
-        pull("late")  # within the bound: Flower retries
-    time.sleep(0.25)
-    assert pull("ready") == b"x"  # progress resets the bound
-    with pytest.raises(ObjectUnavailableError):
-        pull("late")
-    time.sleep(0.25)
+    node = SuperNode()
+    pulls = _PromptPulls(node, stall_s=0.5, poll_s=0.02)
+    flower_pull = make_pull_object_fn_protobuf(pulls.PullObject, Node(node_id=1), 7)
+    backoffs = []
+
+    def pull(object_id: str) -> bytes:  # Flower's pull function, noting each time Flower's own backoff would start
+        try:
+            return flower_pull(object_id)
+        except ObjectUnavailableError:
+            backoffs.append(object_id)
+            raise
+
+    assert pull_objects(["ready", "late"], pull) == {"ready": b"x", "late": b"x"}  # Flower's own pull loop
+    assert node.calls["late"] == 5 and backoffs == []  # asked again at once, never left to Flower's 1-10 s retry
+    started = time.monotonic()
     with pytest.raises(ObjectPullError):
-        pull("late")
+        pull_objects(["never"], pull)
+    assert time.monotonic() - started >= 0.5 and backoffs == []  # given up after the stall bound, not before
+
+
+def test_the_server_grid_pulls_reply_objects_promptly() -> None:
+    """A SuperNode sends a reply's message before its objects: the server's Grid must pull them as the site does
+    (_PromptPulls), which works only while Flower's HttpGrid pulls objects through its ``_runtime_client``."""
+    import inspect
+
+    from flwr.superlink.grid import HttpGrid
+
+    from fednnunet.flower.runtime_tasks import _prompt_grid_class, _PromptPulls
+
+    assert "self._runtime_client.PullObject" in inspect.getsource(HttpGrid.pull_messages)
+    grid = _prompt_grid_class()(runtime_api_address="127.0.0.1:9", insecure=True, token="t")
+    try:
+        assert isinstance(grid, HttpGrid) and isinstance(grid._runtime_client, _PromptPulls)
+    finally:
+        grid._disconnect()

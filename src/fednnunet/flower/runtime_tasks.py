@@ -19,6 +19,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Iterator
 
 import httpx
@@ -95,39 +96,68 @@ class RuntimeTasks:
         self._client.close()
 
 
-#: A message whose objects stop arriving at the SuperNode for this long is given up (see _StallBoundedPulls).
+#: A message whose objects stop arriving at the SuperNode for this long is given up (see _PromptPulls).
 #: (Flower's SuperNode fetches ≤ 5 MiB chunks two at a time: 30 s without one is a link below ~3 Mbit/s, or none.)
 PULL_STALL_S = 30.0
+#: How often an object the SuperNode is still fetching is asked for again (see _PromptPulls).
+PULL_POLL_S = 0.05
 
 
-class _StallBoundedPulls:
-    """The Runtime API client as Flower's ``pull_task_input`` uses it, except that an object still unavailable
-    ``stall_s`` seconds after the last one arrived is reported as not found, which ends Flower's pull.
+class _PromptPulls:
+    """The Runtime API client as Flower's ``pull_task_input`` uses it, except for objects the SuperNode has not yet
+    fetched from the SuperLink: they are asked for again every ``poll_s`` until they arrive, and one still missing
+    ``stall_s`` seconds after the last object arrived is reported as not found, which ends Flower's pull.
 
-    Why: the SuperNode fetches a message's objects from the SuperLink while the executor pulls them from the
-    SuperNode; if the SuperLink dies in between (a coordinator restarted), the objects never arrive and Flower's
-    pull retries for up to two hours, while the resumed run's tasks wait behind it. A pull that makes progress
-    (a large model over a slow link) is not affected.
+    Why prompt: the SuperNode makes a task as soon as a message's metadata arrives and fetches its objects after
+    that, so a worker that claims the task at once asks for objects that are on their way. Flower's own retry
+    waits 1 s, then 2, 4 ... up to 10 s (its ClientApp process, started later, rarely meets that): a 124 MB model
+    arriving in ~1 s at the SuperNode reached the worker 2-3.6 s after the task appeared.
+    Why bounded: if the SuperLink dies mid-transfer (a coordinator restarted), the objects never arrive and
+    Flower's pull would retry for up to two hours while the resumed run's tasks wait behind it. A pull that makes
+    progress (a large model over a slow link) is not affected.
     """
 
-    def __init__(self, client: RuntimeHttpClient, stall_s: float) -> None:
+    def __init__(self, client: RuntimeHttpClient, stall_s: float, poll_s: float = PULL_POLL_S) -> None:
         self._client = client
         self._stall_s = stall_s
+        self._poll_s = poll_s
         self._last_progress = time.monotonic()
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._client, name)
 
     def PullObject(self, request: PullObjectRequest) -> PullObjectResponse:  # noqa: N802 - Flower's method name
-        res = self._client.PullObject(request)
-        now = time.monotonic()
-        if res.object_found and res.object_available:
-            self._last_progress = now
-        elif res.object_found and now - self._last_progress > self._stall_s:
-            logger.warning("object %s of run %d unavailable for %.0f s: giving the message up", request.object_id,
-                           request.run_id, now - self._last_progress)
-            return PullObjectResponse(object_found=False, object_available=False)
-        return res
+        while True:
+            res = self._client.PullObject(request)
+            now = time.monotonic()
+            if not res.object_found:
+                return res
+            if res.object_available:
+                self._last_progress = now
+                return res
+            if now - self._last_progress > self._stall_s:
+                logger.warning("object %s of run %d unavailable for %.0f s: giving the message up",
+                               request.object_id, request.run_id, now - self._last_progress)
+                return PullObjectResponse(object_found=False, object_available=False)
+            time.sleep(self._poll_s)
+
+
+@lru_cache(maxsize=None)
+def _prompt_grid_class() -> type["HttpGrid"]:
+    """Flower's ``HttpGrid`` whose Runtime API client pulls objects as :class:`_PromptPulls` does.
+
+    Why: a SuperNode sends a reply's message to the SuperLink first and its objects after it, so the server, which
+    looks for replies every 0.1 s, meets a 124 MB reply whose objects are still arriving, and Flower's retry waits
+    1 s, then 2 s, ... for them. Defined on first use: the SuperLink side's module is never imported at a site.
+    """
+    from flwr.superlink.grid import HttpGrid
+
+    class PromptHttpGrid(HttpGrid):
+        @property
+        def _runtime_client(self) -> RuntimeHttpClient:  # Flower's own property, wrapped
+            return _PromptPulls(super()._runtime_client, PULL_STALL_S)  # type: ignore[return-value]
+
+    return PromptHttpGrid
 
 
 @dataclass
@@ -156,18 +186,18 @@ class ClaimedTask:
 
         Raises ``ObjectPullError`` when none of the message's objects became available for ``stall_s`` seconds.
         """
-        return pull_task_input(_StallBoundedPulls(self._client, stall_s))
+        return pull_task_input(_PromptPulls(self._client, stall_s))
 
     def server_grid(self) -> "HttpGrid":
-        """A ServerApp task's Grid (Flower's own, bound to this task's token and run) to message the nodes."""
-        from flwr.superlink.grid import HttpGrid  # the SuperLink side's module; sites never import it
+        """A ServerApp task's Grid (Flower's own, bound to this task's token and run) to message the nodes; it
+        pulls the objects of a reply promptly (see :func:`_prompt_grid_class`)."""
         res = self._client.PullTaskInput(PullTaskInputRequest())
         # Flower stamps every new Message with the process's task identity (flwr-serverapp sets it the same way)
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (res.task_id, res.run.run_id,
                                                                            res.context.node_id)
         run = run_from_proto(res.run)
-        grid = HttpGrid(runtime_api_address=self.address, insecure=self.root_certificates is None,
-                        root_certificates=self.root_certificates, token=self.token)
+        grid = _prompt_grid_class()(runtime_api_address=self.address, insecure=self.root_certificates is None,
+                                    root_certificates=self.root_certificates, token=self.token)
         grid.set_run(run)
         return grid
 
