@@ -71,13 +71,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["run_benchmark", "BenchmarkError", "METHODS", "resolve_sites", "site_splits"]
 
 METHODS = ("local", "centralized", "ffe", "asym")
-#: Methods that run only when asked for with ``methods``.
 #: FFE variants: name -> (extra ``fednnunet run train`` arguments, how many times as often the sites average).
 FFE_VARIANTS: dict[str, tuple[tuple[str, ...], int]] = {
     "ffe16": (("--transfer-dtype", "float16"), 1),
     "ffe-uniform": (("--weighting", "uniform"), 1),
     "ffe-often": ((), 5),
 }
+#: Methods that run only when asked for with ``methods``.
 EXTRA_METHODS = tuple(FFE_VARIANTS)
 TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__{configuration}"
 _PROGRESS = "@@progress "
