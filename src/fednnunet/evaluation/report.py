@@ -548,10 +548,11 @@ def _averaging_lines(table: Mapping[str, Any], sites: Sequence[str], header: Any
     """What averaging took from each site (``evaluation.averaging``): local -> delivered pseudo-Dice and the gap."""
     if not any(table.values()):
         return []
-    lines = ["", "## What averaging costs each site (online pseudo-Dice, second half of the rounds)", "",
+    lines = ["", "## What averaging costs each site (online pseudo-Dice)", "",
              "Local: the site's model after its epochs (the figure nnU-Net logs); delivered: the model it received "
-             "next, validated on the same cases before training; gap = delivered - local, mean over the rounds "
-             "(± sd over repeats). First fold's run of every repeat.", "",
+             "next, validated on the same cases before training; gap = delivered - local. Means over the second "
+             "half of the rounds (± sd of the gap over repeats), and the gap over the first half. First fold's run "
+             "of every repeat.", "",
              "| Method | " + " | ".join(header(s) for s in sites) + " |", "|---|" + "---|" * len(sites)]
     for method in _ordered_methods(table):
         if not table[method]:
@@ -559,9 +560,12 @@ def _averaging_lines(table: Mapping[str, Any], sites: Sequence[str], header: Any
         cells = []
         for site in sites:
             e = table[method].get(site)
-            sd = "" if e is None or e["gap_sd"] is None else f" ± {e['gap_sd']:.3f}"
-            cells.append("–" if e is None else
-                         f"{e['local']:.3f} → {e['delivered']:.3f} ({e['gap']:+.3f}{sd}, R={e['runs']})")
+            if e is None:
+                cells.append("–")
+                continue
+            sd = "" if e["gap_sd"] is None else f" ± {e['gap_sd']:.3f}"
+            early = "" if e.get("early_gap") is None else f"; first half {e['early_gap']:+.3f}"
+            cells.append(f"{e['local']:.3f} → {e['delivered']:.3f} ({e['gap']:+.3f}{sd}{early}, R={e['runs']})")
         lines.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(cells) + " |")
     return lines
 
