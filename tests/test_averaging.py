@@ -37,7 +37,8 @@ def test_gap_pairs_each_delivered_model_with_the_local_models_it_averaged() -> N
     assert gaps["b"]["rounds"] == 2
     assert gaps["b"]["gap"] == pytest.approx(((0.40 - 0.50) + (0.50 - 0.55)) / 2)
     # the first half: a's rounds 2 and 3, b's round 2
-    assert gaps["a"]["early_rounds"] == 2 and gaps["a"]["early_gap"] == pytest.approx(((0.45 - 0.50) + (0.55 - 0.60)) / 2)
+    assert gaps["a"]["early_rounds"] == 2
+    assert gaps["a"]["early_gap"] == pytest.approx(((0.45 - 0.50) + (0.55 - 0.60)) / 2)
     assert gaps["b"]["early_rounds"] == 1 and gaps["b"]["early_gap"] == pytest.approx(0.30 - 0.40)
 
 

@@ -333,7 +333,6 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
     ctx = _Context(raw, out, configuration, internal, ext, folds, rounds, iterations_per_round, val_iterations,
                    splits, prog)
     per_repeat: list[dict[str, dict[str, list]]] = []
-    curves: dict[str, Path] = {}  # the first repeat's
     metrics_files: dict[str, list[Path]] = {m: [] for m in methods}  # every repeat's (first fold)
     timings: dict[str, float] = {m: 0.0 for m in methods}
     for k, repeat_seed in enumerate(seeds):
@@ -342,7 +341,6 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
         for method in methods:
             t0 = time.time()
             per_method[method], curve = ctx.run(method)
-            curves.setdefault(method, curve)
             metrics_files[method].append(curve)
             timings[method] = round(timings[method] + time.time() - t0, 1)
             prog(f"repeat {k + 1}/{repeats} (seed {repeat_seed}) done in {time.time() - t0:.0f} s", method=method)
@@ -367,7 +365,7 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
     with open(out / "results.md", "a") as f:
         f.write(_NOTES.format(out=out))
     plot_dsc(results, out / "dsc.png")
-    plot_training_curves(curves, out / "training_curves.png")
+    plot_training_curves({m: files[0] for m, files in metrics_files.items()}, out / "training_curves.png")  # repeat 0
     prog(f"wrote {out / 'results.json'}, results.md, dsc.png, training_curves.png in {budget['wall_seconds']:.0f} s")
     return results
 

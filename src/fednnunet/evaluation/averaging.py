@@ -10,8 +10,9 @@ while the held-out DSC of the final model only shows its end result.
 
 The second half of the rounds is summarised in full (local, delivered, gap) and the first half by its gap alone:
 early on every model changes fast and the sites' models drift apart most, so averaging can cost there what it
-gives back later (on the retina sites it did both, BENCHMARKS.md). Both figures are nnU-Net's online pseudo-Dice (random validation patches,
-foreground classes pooled), so single rounds are noisy; the mean over rounds and the sd over repeats say how much.
+gives back later (on the retina sites it did both, BENCHMARKS.md). Both figures are nnU-Net's online pseudo-Dice
+(random validation patches, foreground classes pooled), so single rounds are noisy; the mean over rounds and the
+sd over repeats say how much.
 """
 
 from __future__ import annotations
