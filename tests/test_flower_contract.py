@@ -59,6 +59,19 @@ def test_only_the_secret_holder_takes_tasks_and_the_installed_app_answers(tmp_pa
         assert result["site"] == "901" and result["exiting"] is False  # a one-machine site stays for the next job
 
 
+def test_a_run_executed_here_that_ends_without_a_result_fails_at_once(tmp_path) -> None:  # noqa: ANN001
+    """The coordinator knows when the work of its own run ended, so it needs no `flwr ls` process (0.5-2 s of
+    CPU each, taken from the sites on a one-machine federation) to notice one that left no result.json: the
+    error names the run and says how its work ended, well before the first `flwr ls` check would run."""
+    from fednnunet.flower.app_bundle import app_dir
+    from fednnunet.launch import RUN_STATUS_CHECK_S, FederationError, ServerNode
+
+    with ServerNode(tmp_path / "server") as server:
+        run_id = server.submit_app(app_dir(server.workdir), 'job-file=""', lambda grid: None)
+        with pytest.raises(FederationError, match=rf"run {run_id} ended \(completed\) without a result"):
+            server.follow(run_id, tmp_path / "out", timeout_s=RUN_STATUS_CHECK_S - 5, check=lambda: None)
+
+
 def test_objects_on_their_way_are_pulled_promptly_and_a_stalled_message_is_given_up() -> None:
     """The site claims a task as soon as its SuperNode knows the message, while the objects are still on their way:
     they must reach the site as soon as they arrive (Flower's own retry would wait 1 s, then 2 s, ...). A SuperNode

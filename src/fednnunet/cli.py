@@ -166,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def work() -> dict:
         with LocalFederation(out_dir / "federation", [Site(s, s) for s in sites], site_env=site_env,
-                             on_event=_printer(started)) as fed:
+                             on_event=_printer(started), task=args.task) as fed:
             return fed.run(job)
 
     return _run_reporting(args.task, out_dir, started, work)

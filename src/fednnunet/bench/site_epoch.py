@@ -13,9 +13,11 @@ default 0 on the CPU and nnU-Net's own default on CUDA), and no final validation
   the site's own model after its epoch, which nnU-Net's online validation at the end of that epoch has just
   validated, so a second validation would compare more work than nnU-Net does.
 
-Reported per arm: compute per epoch as the trainer measures it (nnU-Net's logger timestamps; the site's
-``epoch_seconds``), the whole command's wall time, and the peak resident memory of the process that trains (the
-site worker's, which it reports at the end of the run). Arms alternate, so drift on a shared machine hits both.
+Reported per arm: compute per epoch as nnU-Net's logger measures it in both (its ``epoch_start_timestamps`` to
+``epoch_end_timestamps``, read from the ``checkpoint_final.pth`` the arm wrote; the site's own ``epoch_seconds``
+also count ``on_epoch_end``'s plot, which nnU-Net's timestamps leave out), the whole command's wall time, and the
+peak resident memory of the process that trains (the site worker's, which it reports at the end of the run).
+Arms alternate, so drift on a shared machine hits both.
 """
 
 from __future__ import annotations
@@ -59,11 +61,17 @@ def _nnunet_arm(dataset: str, configuration: str, fold: str, epochs: int, iterat
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
     trainer.run_training()
-    log = trainer.logger
-    epoch_s = [log.get_value("epoch_end_timestamps", step=i) - log.get_value("epoch_start_timestamps", step=i)
-               for i in range(epochs)]
-    out.write_text(json.dumps({"epoch_s": epoch_s,
-                               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    out.write_text(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def logged_epoch_seconds(results: Path) -> list[float]:
+    """Seconds of every epoch as nnU-Net's logger timed them, from the one ``checkpoint_final.pth`` under
+    ``results`` (an nnU-Net results folder)."""
+    import torch
+
+    [checkpoint] = results.glob("Dataset*/*/fold_*/checkpoint_final.pth")
+    log = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+    return [end - start for start, end in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
 
 
 def bench_site_epoch(rounds: int = 3, repeats: int = 2, iterations: int = 250, val_iterations: int = 50,
@@ -89,19 +97,18 @@ def bench_site_epoch(rounds: int = 3, repeats: int = 2, iterations: int = 250, v
         wall = run_timed([sys.executable, "-m", "fednnunet.bench.site_epoch", dataset, "2d", "0", str(rounds),
                           str(iterations), str(val_iterations), device, str(measured)],
                          {**train_env, "nnUNet_results": str(results)}, work / f"nnunet-{i}.log", 7200)
-        nnunet = json.loads(measured.read_text())
-        arms["nnunet"].append({"wall_s": wall, "epoch_s": nnunet["epoch_s"],
-                               "peak_rss_bytes": nnunet["peak_rss_bytes"]})
+        arms["nnunet"].append({"wall_s": wall, "epoch_s": logged_epoch_seconds(results),
+                               "peak_rss_bytes": json.loads(measured.read_text())["peak_rss_bytes"]})
 
-        out = work / f"federation-{i}"
+        out, results = work / f"federation-{i}", work / f"results-federation-{i}"
         wall = run_timed([console_script("fednnunet"), "run", "train", dataset, "2d", "0", "--rounds", str(rounds),
                           "--iterations-per-round", str(iterations), "--val-iterations", str(val_iterations),
                           "-device", device, "--skip-val", *da, "--validate-delivered-every", "0", "--out", str(out)],
-                         {**train_env, "nnUNet_results": str(work / f"results-federation-{i}")},
-                         work / f"federation-{i}.log", 7200)
+                         {**train_env, "nnUNet_results": str(results)}, work / f"federation-{i}.log", 7200)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         site = json.loads((out / "result.json").read_text())["sites"][dataset]
-        arms["federation"].append({"wall_s": wall, "epoch_s": [r["sites"][dataset]["epoch_seconds"] for r in records],
+        arms["federation"].append({"wall_s": wall, "epoch_s": logged_epoch_seconds(results),
+                                   "site_epoch_s": [r["sites"][dataset]["epoch_seconds"] for r in records],
                                    "overhead_s": [r["overhead_seconds"] for r in records],
                                    "peak_rss_bytes": site["peak_rss_bytes"]})
     return summarize(arms, rounds=rounds, iterations=iterations, val_iterations=val_iterations, device=device,

@@ -27,6 +27,7 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -379,8 +380,6 @@ class _BackgroundSaver:
     """
 
     def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fednnunet-state")
         self._pending = None
 
@@ -687,8 +686,14 @@ class _FoldRun:
         events.info(f"fold {self.fold}: sending the final model to {len(sites)} site(s)"
                     + ("" if opts.skip_validation else " (then nnU-Net's final validation)"))
         t0 = time.perf_counter()
-        replies, errors = self.caller.try_call("train_finish", {s: cfg for s in sites}, payload,
-                                               timeout_s=opts.finish_timeout_s)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fednnunet-global") as pool:
+            # written while the sites finish (the server's first torch import and a torch.save: about 1 s)
+            writing = (pool.submit(self._write_global_models, sites, models, infos, epochs)
+                       if not self.job.asym and not opts.disable_checkpointing else None)
+            replies, errors = self.caller.try_call("train_finish", {s: cfg for s in sites}, payload,
+                                                   timeout_s=opts.finish_timeout_s)
+            finish_s = time.perf_counter() - t0
+            fold_dir = None if writing is None else writing.result()
         result: dict[str, Any] = {"rounds": history[-1]["round"] if history else 0, "sites": {}, "errors": errors}
         for s, (res, _) in sorted(replies.items()):
             result["sites"][s] = res
@@ -697,15 +702,10 @@ class _FoldRun:
                         + ("" if dice is None else f", validation mean Dice {dice:.4f}"))
         for s, e in sorted(errors.items()):
             events.emit("error", f"site {s} could not finish: {e}", site=s)
-        events.info(f"fold {self.fold}: finish took {time.perf_counter() - t0:.1f} s")
-        if not self.job.asym and not opts.disable_checkpointing:
-            fold_dir = write_global_model(self.root, infos[sites[0]], opts, self.fold, models["global"], epochs)
+        events.info(f"fold {self.fold}: finish took {finish_s:.1f} s")
+        if fold_dir is not None:
             result["global_model"] = str(fold_dir)
             events.info(f"global model: {fold_dir / 'checkpoint_final.pth'}")
-            (fold_dir / "checkpoint_best.pth").unlink(missing_ok=True)  # an earlier run's
-            if best.models is not None:
-                write_global_model(self.root, infos[sites[0]], opts, self.fold, best.models["global"], epochs,
-                                   filename="checkpoint_best.pth")
         if best.models is not None:
             result["best_model"] = best.info()
             events.info(f"checkpoint_best.pth: the delivered model after round {best.model_round} (pooled "
@@ -716,6 +716,18 @@ class _FoldRun:
         if len(replies) < min(opts.min_sites or len(sites), len(sites)):
             raise RuntimeError("train_finish failed at " + "; ".join(f"{s}: {e}" for s, e in errors.items()))
         return result
+
+
+    def _write_global_models(self, sites: list[str], models: Mapping[str, Arrays], infos: Mapping[str, Any],
+                             epochs: int) -> Path:
+        """The FFE global model in nnU-Net's layout: the final one, and the best delivered one if any."""
+        info = infos[sites[0]]
+        fold_dir = write_global_model(self.root, info, self.opts, self.fold, models["global"], epochs)
+        (fold_dir / "checkpoint_best.pth").unlink(missing_ok=True)  # an earlier run's
+        if self.best.models is not None:
+            write_global_model(self.root, info, self.opts, self.fold, self.best.models["global"], epochs,
+                               filename="checkpoint_best.pth")
+        return fold_dir
 
 
 def _validate_only(options: TrainOptions, fold: str, caller: Any, events: EventLog,

@@ -2,10 +2,10 @@
 
 Why not ``grid.send_and_receive``: it sleeps 3 s between pulls, which adds up to seconds per round; here replies
 are pulled every ``poll_s`` (0.1 s by default; every :data:`IDLE_POLL_S` while no reply can be expected yet, see
-``try_call``'s ``expected_s``: each pull is a request that the SuperLink and this process serve on the cores the
-sites train on). Replies are matched by ``reply_to_message_id`` (the source id of
-SuperLink-generated error replies is not the node's). A node answers with its site name in every reply, which is
-how node ids map to site names.
+``try_call``'s ``expected_s``, and further apart the longer a reply of unknown duration takes: each pull is a
+request that the SuperLink and this process serve on the cores the sites train on). Replies are matched by
+``reply_to_message_id`` (the source id of SuperLink-generated error replies is not the node's). A node answers
+with its site name in every reply, which is how node ids map to site names.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ Arrays = dict[str, np.ndarray]
 Reply = tuple[dict[str, Any], Arrays]
 #: Seconds between pulls while no reply is expected yet.
 IDLE_POLL_S = 1.0
+#: While nothing says when a reply is due (``expected_s`` unknown: the first round), the pulls are spaced by this
+#: share of the time waited so far (from ``poll_s`` up to IDLE_POLL_S): a reply waits at most 2 % longer, and a
+#: 30 s first epoch takes about 140 pulls instead of 300 (served on the cores the sites train on).
+UNKNOWN_WAIT_SHARE = 0.02
 #: Called with (site, result, arrays) for each successful reply as it arrives; returns an error or None.
 OnReply = Callable[[str, dict[str, Any], Arrays], "str | None"]
 
@@ -139,8 +143,9 @@ class FlowerSiteCaller:
         if self.holds is not None:
             self.holds.pushed(payloads, pushed_at)
             self.holds.outstanding += ids[len(payloads):]
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
-        quiet_until = time.monotonic() + 0.8 * (expected_s or 0.0)
+        started = time.monotonic()
+        deadline = started + (timeout_s or self.timeout_s)
+        quiet_until = started + 0.8 * (expected_s or 0.0)
         replies: dict[str, Reply] = {}
         errors: dict[str, str] = {}
         while pending and time.monotonic() < deadline:
@@ -182,7 +187,14 @@ class FlowerSiteCaller:
                     replies[site] = (body["result"], {})
                 del out, msg  # an update is dropped as soon as it has been used
             if pending:
-                time.sleep(self.poll_s if time.monotonic() >= quiet_until or replies or errors else IDLE_POLL_S)
+                now = time.monotonic()
+                if replies or errors:
+                    pause = self.poll_s
+                elif expected_s is None:
+                    pause = min(IDLE_POLL_S, max(self.poll_s, UNKNOWN_WAIT_SHARE * (now - started)))
+                else:
+                    pause = self.poll_s if now >= quiet_until else IDLE_POLL_S
+                time.sleep(pause)
         for node in pending.values():
             errors[site_of.get(node, f"node {node}")] = f"no reply within {timeout_s or self.timeout_s:.0f} s"
         return replies, errors

@@ -55,6 +55,7 @@ class SuperNodeExited(RuntimeError):
 def run_site(worker: SiteWorker, spec: SuperNodeSpec, logs: Path, runtime_port: int | None = None) -> None:
     """Start this site's SuperNode and answer its tasks until the job releases the worker; the SuperNode is
     stopped with it. Raises SuperNodeExited when the SuperNode ends first."""
+    worker.warm_up()
     supernode = SuperNodeProcess(spec, Path(logs) / f"supernode-{worker.site}.log", runtime_port).start()
     try:
         serve(worker, supernode)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from fednnunet.seeding import derive_seed, seed_everything
-from fednnunet.site.weights import load_unique_state, unique_state, unwrap
+from fednnunet.site.weights import live_state, load_unique_state, unique_state, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; importing nnunetv2 freezes its path variables
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -277,6 +277,10 @@ class SiteTrainer:
     def get_weights(self) -> dict[str, np.ndarray]:
         """The network's weights, one entry per distinct tensor (alias keys removed), as numpy copies."""
         return unique_state(self.trainer.network)
+
+    def weight_views(self) -> dict[str, np.ndarray]:
+        """As :meth:`get_weights`, but views of the live tensors on the CPU: valid until the network trains again."""
+        return live_state(self.trainer.network)
 
     def set_weights(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Writes ``arrays`` in place into the live network; optimizer state and compiled graphs stay valid.

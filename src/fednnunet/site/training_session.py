@@ -139,7 +139,9 @@ class TrainingSession:
         return info, weights
 
     def round(self, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], Arrays]:
-        """Load the round's weights (if any), train ``epochs_per_round`` epochs, reply weights and metrics."""
+        """Load the round's weights (if any), train ``epochs_per_round`` epochs, reply weights and metrics.
+
+        The reply's arrays may be views of the live network: pack or copy them before it trains again."""
         t = self.trainer
         epoch_end = config.get("epoch_end")
         if epoch_end is not None and t.current_epoch >= int(epoch_end):
@@ -186,9 +188,12 @@ class TrainingSession:
             metrics["skipped_epochs"] = skipped
         if delivered is not None:
             metrics["delivered"] = delivered
+        # Views of the live weights: the reply is packed into its message before the network trains again, so
+        # the model is copied once there (a copy here too would add one model to the worker's peak memory).
+        weights = t.weight_views()
         if received is None:
-            return {"metrics": metrics}, to_wire(t.get_weights(), self.transfer_dtype)
-        return {"metrics": metrics, "delta": True}, delta_to_wire(t.get_weights(), received, self.transfer_dtype)
+            return {"metrics": metrics}, to_wire(weights, self.transfer_dtype)
+        return {"metrics": metrics, "delta": True}, delta_to_wire(weights, received, self.transfer_dtype)
 
     def _validate(self) -> dict[str, Any]:
         report = self.trainer.validate_online()

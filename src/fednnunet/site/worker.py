@@ -15,6 +15,7 @@ which a SIGTERM abandons at once.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import resource
@@ -60,9 +61,26 @@ class SiteWorker:
         self.after_reply_error: str | None = None  # reported with the next request
         self.deferring_stop = False  # True while after-reply work runs that a SIGTERM must not tear
         self.stop_requested = False  # a SIGTERM arrived during after-reply work
+        self._warming: threading.Thread | None = None  # imports the training stack ahead (see warm_up)
 
     # --- protocol -----------------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """A worker started for training imports its training stack in the background; :meth:`handle` waits for it.
+
+        Why: the worker waits seconds for its SuperNode and the server's first messages, while the imports of
+        its first ``train_init`` (torch and nnU-Net's trainer: 4-5 s on two cores) would otherwise sit between
+        the federation's start and its first epoch. Messages wait for the imports so that no message's own
+        imports race them in another thread. Safe this early: nnU-Net 2.8 reads its environment variables
+        (``nnUNet_preprocessed``, ``nnUNet_n_proc_DA``, ...) when it uses them, not at import.
+        """
+        if self.task == "train" and self._warming is None:
+            self._warming = threading.Thread(target=_import_training_stack, name="warm-up", daemon=True)
+            self._warming.start()
+
     def handle(self, body: dict[str, Any], arrays: Arrays) -> tuple[dict[str, Any], Arrays]:
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
         op = body.get("op")
         handler: Handler | None = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
@@ -281,6 +299,16 @@ class SiteWorker:
 
             self.dataset_name = describe_site(self.site, self.dataset)["dataset_name"]
         return self.dataset_name
+
+
+def _import_training_stack() -> None:
+    """What a site's first ``train_init`` imports (see :meth:`SiteWorker.warm_up`)."""
+    try:
+        for module in ("fednnunet.site.training_session", "nnunetv2.run.run_training",
+                       "nnunetv2.training.nnUNetTrainer.nnUNetTrainer"):
+            importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - the message that needs the module meets the error again and reports it
+        logger.warning("importing the training stack ahead failed", exc_info=True)
 
 
 def _die_of(signum: int) -> None:
