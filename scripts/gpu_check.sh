@@ -5,8 +5,8 @@
 #   scripts/gpu_check.sh            on a machine with an NVIDIA GPU and a preinstalled PyTorch (python3)
 #   scripts/gpu_check.sh --cpu      the same steps, tiny, on the CPU (tests/test_gpu_check.py runs this)
 #
-# Nothing is downloaded: packages the machine lacks travel as wheels in .whl/ (scripts/gpu_wheels.sh downloads them
-# here) and are installed into a private folder. Output and figures go to $OUT (or ./gpu_check_out).
+# Nothing is downloaded: packages the machine lacks travel as wheels in .whl/wheels.tar.xz (scripts/gpu_wheels.sh
+# downloads them here) and are installed into a private folder. Output and figures go to $OUT (or ./gpu_check_out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
@@ -19,8 +19,11 @@ trap 'rm -rf "$WORK"' EXIT
 started=$(date +%s)
 say() { echo "[$(( $(date +%s) - started ))s] $*" | tee -a "$OUT/gpu_check.txt"; }
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl
+if [ -f .whl/wheels.tar.xz ]; then  # made by scripts/gpu_wheels.sh
+  mkdir -p "$WORK/wheels"
+  tar -C "$WORK/wheels" -xJf .whl/wheels.tar.xz
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" "$WORK"/wheels/*.whl
+  rm -rf "$WORK/wheels"
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PATH="$WORK/site/bin:$PATH"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
