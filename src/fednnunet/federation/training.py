@@ -717,7 +717,6 @@ class _FoldRun:
             raise RuntimeError("train_finish failed at " + "; ".join(f"{s}: {e}" for s, e in errors.items()))
         return result
 
-
     def _write_global_models(self, sites: list[str], models: Mapping[str, Arrays], infos: Mapping[str, Any],
                              epochs: int) -> Path:
         """The FFE global model in nnU-Net's layout: the final one, and the best delivered one if any."""
