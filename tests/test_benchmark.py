@@ -129,7 +129,7 @@ def test_ffe_variants_are_checked_before_anything_runs(raw: Path, tmp_path: Path
                                              r"multiple of 5"):
         run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", rounds=1, iterations_per_round=12,
                       methods=("ffe", "ffe-often"))
-    with pytest.raises(BenchmarkError,
-                       match="choose from local, centralized, ffe, asym, ffe16, ffe-uniform, ffe-often"):
+    with pytest.raises(BenchmarkError, match="choose from local, centralized, ffe, asym, ffe16, ffe-uniform, ffe-often, "
+                                             "ffe-mom-reset, ffe-mom-avg, ffe-server-mom"):
         run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", methods=("ffe-fast",))
     assert not (tmp_path / "b").exists()

@@ -247,6 +247,36 @@ def test_seeded_run_repeated_through_a_resume_is_bit_for_bit_the_same(federation
     assert _losses(first) == _losses(out)
 
 
+def test_ffe_with_averaged_site_momentum(federation: Path) -> None:
+    """``--momentum average`` with float16 transfer: the sites' SGD momentum buffers travel beside the weights (both
+    ways, so a round moves twice the bytes), are averaged like them, and never reach a checkpoint's network
+    weights; the run ends with one global model as usual."""
+    import torch
+
+    from fednnunet.aggregation.momentum import MOMENTUM_PREFIX, split_momentum
+
+    out = federation / "train_ffe_momentum"
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *TRAIN_FLAGS, "--seed", "7", "--skip-val",
+                     "--momentum", "average", "--transfer-dtype", "float16", "--out", str(out)]) == 0
+    glob = _weights(out / "global" / "nnUNetTrainer__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth")
+    site = _weights(_site_folder(federation, "901") / "fold_0" / "checkpoint_final.pth")
+    assert list(glob) == list(site) and all(torch.equal(glob[k], site[k]) for k in glob)
+    saved = load_models(out, load_state(out))["global"]
+    weights, momentum = split_momentum(saved)
+    assert set(momentum) == set(weights) and len(saved) == 2 * len(weights)
+    # the averaged buffers of round 2 (zero only where the gradient is: conv biases before an InstanceNorm, the
+    # deepest segmentation head, which deep supervision weights 0)
+    assert all(np.any(m != 0) for k, m in momentum.items() if k.endswith("conv.weight"))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    weight_bytes = sum(a.nbytes for a in weights.values())
+    for x in lines:
+        for traffic in x["bytes"].values():  # float16: each way, half of 2 x the float32 weights, plus framing
+            assert weight_bytes <= traffic["sent"] < 1.1 * weight_bytes
+            assert weight_bytes <= traffic["received"] < 1.1 * weight_bytes
+    assert any(k.startswith(MOMENTUM_PREFIX) for k in saved)
+    assert "site momentum average" in (out / "events.jsonl").read_text()
+
+
 def test_asym_training_end_to_end(federation: Path) -> None:
     """AsymFedAvg over real sites, with 16-bit transfer (sites reply changes; the server adds them to its copy)."""
     import torch

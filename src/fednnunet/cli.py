@@ -138,7 +138,8 @@ def _train_options(args: argparse.Namespace):
             val_iterations=args.val_iterations, epochs_per_round=args.epochs_per_round, weighting=args.weighting,
             min_sites=args.min_sites, round_timeout_s=args.round_timeout, resume=args.resume,
             asym_scope=args.asym_scope, da_workers=args.da_workers, transfer_dtype=args.transfer_dtype,
-            seed=args.seed, validate_delivered_every=args.validate_delivered_every)
+            seed=args.seed, validate_delivered_every=args.validate_delivered_every, momentum=args.momentum,
+            server_momentum=args.server_momentum)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -473,6 +474,12 @@ def _add_train_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--epochs-per-round", type=int, default=1)
     t.add_argument("--weighting", choices=("cases", "uniform"), default="cases",
                    help="FedAvg weights: training cases per site (default) or the paper's plain mean")
+    t.add_argument("--momentum", choices=("local", "reset", "average"), default="local",
+                   help="the sites' SGD momentum at each round: kept (default), zeroed, or averaged with the weights "
+                        "(doubles the bytes of a round)")
+    t.add_argument("--server-momentum", type=float, default=0.0, metavar="BETA",
+                   help="FedAvgM at the server (FFE only): the round's change to the global model applied with "
+                        "momentum BETA in [0, 1) (default 0: plain FedAvg)")
     t.add_argument("--min-sites", type=int, default=None, help="fewest sites a round may have (default: all)")
     t.add_argument("--round-timeout", type=float, default=None, help="seconds before a site is left out of a round")
     t.add_argument("--resume", action="store_true", help="continue from the last completed round in --out")

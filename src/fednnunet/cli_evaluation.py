@@ -186,7 +186,9 @@ def add_commands(sub) -> None:
     p.add_argument("--val-iterations", type=int, default=None, help="online validation iterations per epoch")
     p.add_argument("--methods", default="local,centralized,ffe,asym",
                    help="comma separated: local, centralized, ffe, asym; also the FFE variants ffe16 (16-bit "
-                        "transfer), ffe-uniform (plain-mean FedAvg weights), ffe-often (5 x the rounds of 1/5 the iterations)")
+                        "transfer), ffe-uniform (plain-mean FedAvg weights), ffe-often (5 x the rounds of 1/5 the "
+                        "iterations), ffe-mom-reset / ffe-mom-avg (site momentum zeroed / averaged each round), "
+                        "ffe-server-mom (server momentum 0.5)")
     p.add_argument("--repeats", type=int, default=1,
                    help="train every method R times (seeds S..S+R-1); results.md: mean ± sd, paired 95%% intervals")
     p.add_argument("--seed", type=int, default=None,

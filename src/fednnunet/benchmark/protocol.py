@@ -24,7 +24,10 @@ Methods:
   out what 16-bit transfer costs and why the aggregate can lose to the sites' local models (issue 17):
   ``ffe16`` (``--transfer-dtype float16``), ``ffe-uniform`` (``--weighting uniform``: the paper's plain mean
   instead of weights by training cases) and ``ffe-often`` (the same iterations, averaged 5 x as often: 5 x the
-  rounds of 1/5 the iterations; local SGD momentum has less time to drive a site away from the others).
+  rounds of 1/5 the iterations; local SGD momentum has less time to drive a site away from the others), and how
+  SGD momentum meets averaging (aggregation/momentum.py): ``ffe-mom-reset`` (``--momentum reset``: the sites zero
+  their buffers each round), ``ffe-mom-avg`` (``--momentum average``: the buffers are averaged with the weights, 2 x
+  the bytes) and ``ffe-server-mom`` (``--server-momentum 0.5``: FedAvgM at the server).
 
 Same splits: before any training, every site's ``splits_final.json`` is written the way nnU-Net's trainer would
 write it (``generate_crossval_split`` over the sorted case ids, seed 12345, 5 folds) into every method's
@@ -76,6 +79,9 @@ FFE_VARIANTS: dict[str, tuple[tuple[str, ...], int]] = {
     "ffe16": (("--transfer-dtype", "float16"), 1),
     "ffe-uniform": (("--weighting", "uniform"), 1),
     "ffe-often": ((), 5),
+    "ffe-mom-reset": (("--momentum", "reset"), 1),
+    "ffe-mom-avg": (("--momentum", "average"), 1),
+    "ffe-server-mom": (("--server-momentum", "0.5"), 1),
 }
 #: Methods that run only when asked for with ``methods``.
 EXTRA_METHODS = tuple(FFE_VARIANTS)

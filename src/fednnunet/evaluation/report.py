@@ -77,22 +77,27 @@ __all__ = [
     "read_round_records",
 ]
 
+#: The FFE variants of the benchmark (benchmark/protocol.py), each compared with FFE.
+FFE_VARIANT_NAMES: dict[str, str] = {"ffe16": "FFE (16-bit transfer)", "ffe-uniform": "FFE (uniform weights)",
+                                     "ffe-often": "FFE (averaging 5 x as often)",
+                                     "ffe-mom-reset": "FFE (site momentum reset)",
+                                     "ffe-mom-avg": "FFE (site momentum averaged)",
+                                     "ffe-server-mom": "FFE (server momentum)"}
 #: Display names of the methods (as in the paper's tables); unknown methods are shown as given.
 METHOD_NAMES: dict[str, str] = {"local": "Local", "centralized": "Centralized", "ffe": "FFE", "asym": "AsymFedAvg",
-                                "ffe16": "FFE (16-bit transfer)", "ffe-uniform": "FFE (uniform weights)",
-                                "ffe-often": "FFE (averaging 5 x as often)"}
+                                **FFE_VARIANT_NAMES}
 #: The paired tests of the paper: (method a, method b), reported as p of a vs b.
 COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "local"), ("ffe", "centralized"), ("asym", "local"),
-                                            ("ffe16", "ffe"), ("ffe-uniform", "ffe"), ("ffe-often", "ffe"))
+                                            *((v, "ffe") for v in FFE_VARIANT_NAMES))
 #: The paired differences with confidence intervals (bootstrap over cases and repeats): (a, b) = DSC a - DSC b.
-INTERVAL_COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "centralized"), ("ffe", "local"), ("ffe-uniform", "ffe"),
-                                                     ("ffe-often", "ffe"))
+INTERVAL_COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "centralized"), ("ffe", "local"),
+                                                     *((v, "ffe") for v in FFE_VARIANT_NAMES))
 #: How the paired intervals are computed (``evaluation.intervals``), as recorded in the results.
 INTERVAL_METHOD = "two-stage percentile bootstrap over repeats and cases (seed 0)"
 #: Methods whose images never leave a site. Centralized training is the upper bound, never bolded.
-PRIVACY_PRESERVING: frozenset[str] = frozenset({"local", "ffe", "asym", "ffe16", "ffe-uniform", "ffe-often"})
+PRIVACY_PRESERVING: frozenset[str] = frozenset({"local", "ffe", "asym", *FFE_VARIANT_NAMES})
 #: Display order of known methods; others follow in the order given.
-_ORDER = ("local", "ffe", "ffe16", "ffe-uniform", "ffe-often", "asym", "centralized")
+_ORDER = ("local", "ffe", *FFE_VARIANT_NAMES, "asym", "centralized")
 
 
 # ---------------------------------------------------------------------------------------------- file helpers

@@ -36,6 +36,7 @@ import numpy as np
 
 from fednnunet.aggregation import (WIRE_DTYPES, ModelSpec, SiteOrderedAdds, StreamingAsymAverager, StreamingAverager,
                                    UpdateRejected, from_wire, to_wire, validate_metrics, validate_update, wire_spec)
+from fednnunet.aggregation.momentum import MOMENTUM_MODES, ServerMomentum, split_momentum
 from fednnunet.federation.delivered import (BEST_PREFIX, BestDelivered, check_delivered, pooled_dice,
                                             validates_round)
 from fednnunet.federation.events import EventLog
@@ -59,7 +60,10 @@ _SEP = "::"  # site and parameter name in the keys of an AsymFedAvg state file
 
 # Options that only the server uses; everything else is sent to the sites as their trainer configuration.
 _SERVER_ONLY = ("folds", "weighting", "min_sites", "round_timeout_s", "init_timeout_s", "finish_timeout_s",
-                "resume", "asym_scope", "skip_validation", "validation_only", "validate_delivered_every")
+                "resume", "asym_scope", "skip_validation", "validation_only", "validate_delivered_every",
+                "server_momentum")
+#: Name prefix of the server momentum's velocity in a saved FFE state (beside the global model's arrays).
+_VELOCITY_PREFIX = "server_velocity/"
 
 
 @dataclass
@@ -93,6 +97,8 @@ class TrainOptions:
     transfer_dtype: str = "float32"  # float16 halves the bytes of every round (see aggregation/wire.py)
     seed: int | None = None  # seeds every site's generators; the server then adds updates in site order
     validate_delivered_every: int = 1  # validate the delivered model every N rounds (0: never; federation/delivered.py)
+    momentum: str = "local"  # the sites' SGD momentum: kept, reset or averaged each round (aggregation/momentum.py)
+    server_momentum: float = 0.0  # FedAvgM's beta at the server (FFE only; 0: plain FedAvg)
 
     def __post_init__(self) -> None:
         self.folds = [str(f) for f in self.folds]
@@ -103,6 +109,13 @@ class TrainOptions:
             raise ValueError("at least one fold is needed")
         if self.weighting not in ("cases", "uniform"):
             raise ValueError(f"weighting must be 'cases' or 'uniform', got {self.weighting!r}")
+        if self.momentum not in MOMENTUM_MODES:
+            raise ValueError(f"momentum must be one of {', '.join(MOMENTUM_MODES)}, got {self.momentum!r}")
+        if isinstance(self.server_momentum, bool) or not 0.0 <= float(self.server_momentum) < 1.0:
+            raise ValueError(f"server_momentum must be in [0, 1), got {self.server_momentum!r}")
+        if self.server_momentum and self.momentum == "average":
+            raise ValueError("server momentum and averaged site momentum are two answers to the same question: "
+                             "choose one")
         if self.transfer_dtype not in WIRE_DTYPES:
             raise ValueError(f"transfer_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.transfer_dtype!r}")
         if self.asym_scope not in ("all", "any"):
@@ -448,6 +461,7 @@ class _FoldRun:
         self.out, self.root = out, root
         self.out.mkdir(parents=True, exist_ok=True)
         self.best = BestDelivered()  # the best delivered model (federation/delivered.py)
+        self.server_momentum: ServerMomentum | None = None  # FedAvgM (FFE with --server-momentum)
 
     def _init_sites(self, sites: list[str], continue_training: bool) -> tuple[dict, dict, dict]:
         cfg = self.opts.site_config(self.fold, continue_training)
@@ -464,6 +478,8 @@ class _FoldRun:
             events.info(f"fold {self.fold}: no saved server state in {self.out / STATE_DIR}: starting at round 1")
         if state is not None and bool(state.get("asym")) != asym:
             raise ValueError("the saved state is from a run with" + ("out" if asym else "") + " --asym")
+        if asym and opts.server_momentum:
+            raise ValueError("--server-momentum applies to FFE's global model; AsymFedAvg has none")
 
         started = time.perf_counter()
         infos, init_weights, errors = self._init_sites(sites, continue_training=state is not None)
@@ -490,8 +506,12 @@ class _FoldRun:
                      for s in sites}
         min_sites = min(opts.min_sites or len(sites), len(sites))
 
+        velocity: Arrays = {}
         if state is not None:
             models = load_models(self.out, state)
+            if not asym:
+                velocity = {k[len(_VELOCITY_PREFIX):]: models["global"].pop(k) for k in list(models["global"])
+                            if k.startswith(_VELOCITY_PREFIX)}
             start, history = int(state["round"]), list(state.get("history", []))
             for key, model in models.items():
                 for s in ([key] if asym else sites):
@@ -513,6 +533,8 @@ class _FoldRun:
                       else {"global": {k: np.array(v) for k, v in init_weights[first].items()}})
             start, history = 0, []
         del init_weights
+        if opts.server_momentum:
+            self.server_momentum = ServerMomentum(opts.server_momentum, velocity)
 
         saver = _BackgroundSaver()
         try:
@@ -624,7 +646,7 @@ class _FoldRun:
             delivered = {s: m["delivered"] for s, m in metrics.items() if "delivered" in m}
             new_best = bool(delivered) and self.best.consider(r - 1, delivered, sites, models)
             saver.wait()  # the previous round's save holds the arrays that aggregation overwrites
-            asym_info = self._aggregate(models, averager, asym)
+            asym_info = self._aggregate(models, averager)
             wall = time.perf_counter() - t0
             timing = round_timing(started_at, time.time(), replies, exchange_times)
             # the site's compute: its epochs and the validation of the model it received
@@ -642,7 +664,7 @@ class _FoldRun:
             history.append(record)
             draw = r == rounds or time.monotonic() - last_drawn >= PLOT_EVERY_S
             last_drawn = time.monotonic() if draw else last_drawn
-            saver.submit(_save_round, self.out, r, dict(models), asym, list(history),
+            saver.submit(_save_round, self.out, r, self._saved_models(models), asym, list(history),
                          {"rounds": rounds, "fold": self.fold, "options": opts.asdict()}, self.best.info(),
                          self.best.models if new_best else None, draw)
             events.emit("round", round_line(record), round=r)
@@ -658,20 +680,30 @@ class _FoldRun:
         for s, e in errors.items():
             self.events.info(f"site {s} could not rebuild its trainer: {e}")
 
-    @staticmethod
-    def _aggregate(models: dict[str, Arrays], averager: StreamingAverager | StreamingAsymAverager,
-                   asym: bool) -> dict[str, Any]:
+    def _aggregate(self, models: dict[str, Arrays],
+                   averager: StreamingAverager | StreamingAsymAverager) -> dict[str, Any]:
         """Update ``models`` from the round's averager; sites left out keep their model (asym).
 
         FFE writes the average into the global model's own arrays (``out=``): no new 4 bytes per parameter
-        every round. AsymFedAvg gives every site that delivered its new model (averaged groups shared).
+        every round; with server momentum the global model takes FedAvgM's step towards the average instead.
+        AsymFedAvg gives every site that delivered its new model (averaged groups shared).
         """
-        if not asym:
-            models["global"] = averager.result(out=models["global"])
+        if not self.job.asym:
+            if self.server_momentum is None:
+                models["global"] = averager.result(out=models["global"])
+            else:
+                self.server_momentum.step(models["global"], averager.result())
             return {}
         new, report = averager.result()
         models.update(new)
         return {"asym_fraction_averaged": {s: st.fraction_averaged for s, st in report.sites.items()}}
+
+    def _saved_models(self, models: Mapping[str, Arrays]) -> dict[str, Arrays]:
+        """What a round's state file holds: the models, and FFE's server-momentum velocity (for ``--resume``)."""
+        if self.server_momentum is None:
+            return dict(models)
+        return {"global": {**models["global"], **{_VELOCITY_PREFIX + k: v
+                                                  for k, v in self.server_momentum.velocity.items()}}}
 
     def _finish(self, sites: list[str], models: Mapping[str, Arrays], infos: Mapping[str, Any], epochs: int,
                 history: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
@@ -721,11 +753,13 @@ class _FoldRun:
                              epochs: int) -> Path:
         """The FFE global model in nnU-Net's layout: the final one, and the best delivered one if any."""
         info = infos[sites[0]]
-        fold_dir = write_global_model(self.root, info, self.opts, self.fold, models["global"], epochs)
+        # the network's weights only (with --momentum average the model also carries the momentum buffers)
+        fold_dir = write_global_model(self.root, info, self.opts, self.fold, split_momentum(models["global"])[0],
+                                      epochs)
         (fold_dir / "checkpoint_best.pth").unlink(missing_ok=True)  # an earlier run's
         if self.best.models is not None:
-            write_global_model(self.root, info, self.opts, self.fold, self.best.models["global"], epochs,
-                               filename="checkpoint_best.pth")
+            write_global_model(self.root, info, self.opts, self.fold, split_momentum(self.best.models["global"])[0],
+                               epochs, filename="checkpoint_best.pth")
         return fold_dir
 
 
@@ -761,7 +795,8 @@ def run_training_task(job: JobSpec, caller: Any, events: EventLog) -> dict[str, 
     events.info(f"training on {len(sites)} site(s): " + ", ".join(
         f"{s} ({described[s][0].get('dataset_name')})" for s in sites) +
         f"; {'AsymFedAvg (scope ' + options.asym_scope + ')' if job.asym else 'FedAvg'}, "
-        f"weighting {options.weighting}")
+        f"weighting {options.weighting}, site momentum {options.momentum}"
+        + (f", server momentum {options.server_momentum}" if options.server_momentum else ""))
     folds: dict[str, Any] = {}
     for fold in options.folds:
         if options.validation_only:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from fednnunet.seeding import derive_seed, seed_everything
-from fednnunet.site.weights import live_state, load_unique_state, unique_state, unwrap
+from fednnunet.site.weights import live_state, load_unique_state, momentum_buffers, unique_state, unwrap
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; importing nnunetv2 freezes its path variables
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -289,6 +289,40 @@ class SiteTrainer:
             ValueError: missing/unexpected key or shape mismatch (nothing is written then).
         """
         load_unique_state(self.trainer.network, arrays)
+
+    def _momentum(self) -> dict[str, torch.Tensor]:
+        return momentum_buffers(self.trainer.network, self.trainer.optimizer)
+
+    def momentum_views(self) -> dict[str, np.ndarray]:
+        """The optimizer's SGD momentum buffers, keyed like the weights (views on the CPU, as :meth:`weight_views`);
+        zeros for weights not stepped yet (see ``weights.momentum_buffers``)."""
+        with torch.no_grad():
+            return {k: b.detach().cpu().numpy() for k, b in self._momentum().items()}
+
+    def set_momentum(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Writes ``arrays`` in place into the optimizer's momentum buffers (``--momentum average``).
+
+        Raises:
+            ValueError: the names or shapes are not those of :meth:`momentum_views` (nothing is written then).
+        """
+        buffers = self._momentum()
+        if set(arrays) != set(buffers):
+            odd = sorted(set(arrays) ^ set(buffers))
+            raise ValueError(f"momentum buffers do not match the trained weights ({len(odd)} names differ, e.g. "
+                             f"{odd[0]!r})")
+        for key, buf in buffers.items():
+            if tuple(np.shape(arrays[key])) != tuple(buf.shape):
+                raise ValueError(f"momentum buffer {key!r}: shape {tuple(np.shape(arrays[key]))}, weight "
+                                 f"{tuple(buf.shape)}")
+        with torch.no_grad():
+            for key, buf in buffers.items():
+                buf.copy_(torch.from_numpy(np.array(arrays[key], order="C", copy=True)))
+
+    def reset_momentum(self) -> None:
+        """Zeroes the optimizer's momentum buffers (``--momentum reset``: the next step starts like a fresh SGD)."""
+        with torch.no_grad():
+            for buf in self._momentum().values():
+                buf.zero_()
 
     # ------------------------------------------------------------------ training
 

@@ -8,7 +8,8 @@ session turns the server's three training messages into SiteTrainer calls:
   initial de-duplicated weights, the training-case count (the FedAvg weight), and what the server needs to
   write the global model in nnU-Net's layout (plans/dataset/fingerprint JSONs, checkpoint metadata, the alias
   keys of the full ``state_dict``);
-* ``round``: load the received weights into the live network, validate them with nnU-Net's online validation
+* ``round``: load the received weights into the live network (and the SGD momentum: kept, zeroed or the received
+  average, ``--momentum``, aggregation/momentum.py), validate them with nnU-Net's online validation
   when the server asks (the delivered model, see federation/delivered.py), run ``epochs_per_round`` nnU-Net
   epochs, reply with the weights (their change from the received ones: see aggregation/wire.py) and the epoch
   metrics; the
@@ -35,6 +36,7 @@ import numpy as np
 
 from fednnunet.aggregation import (ModelSpec, delta_to_wire, from_wire, narrows, to_wire, validate_update,
                                    wire_spec)
+from fednnunet.aggregation.momentum import MOMENTUM_MODES, MOMENTUM_PREFIX, split_momentum
 from fednnunet.federation.delivered import BEST_PREFIX
 from fednnunet.seeding import derive_seed
 from fednnunet.site.trainer import SiteTrainer, load_trainer_class
@@ -88,6 +90,10 @@ class TrainingSession:
         epochs_per_round = int(config.get("epochs_per_round", 1))
         self.epochs_per_round = epochs_per_round
         self.transfer_dtype = str(config.get("transfer_dtype", "float32"))
+        # how this site's SGD momentum meets the averaging (aggregation/momentum.py)
+        self.momentum = str(config.get("momentum", "local"))
+        if self.momentum not in MOMENTUM_MODES:
+            raise ValueError(f"momentum must be one of {', '.join(MOMENTUM_MODES)}, got {self.momentum!r}")
         self._checkpoint_due = False
         self.trainer = SiteTrainer(
             dataset, config["configuration"], config.get("fold", 0),
@@ -134,9 +140,18 @@ class TrainingSession:
             "state_keys": alias_map(nn_trainer.network),
             "not_reproducible": t.not_reproducible,
         }
-        weights = t.get_weights()
+        weights = self._state(views=False)
         self.spec = ModelSpec.of(weights)
         return info, weights
+
+    def _state(self, views: bool) -> Arrays:
+        """What travels each round: the weights, and with ``--momentum average`` the SGD momentum buffers beside
+        them (names prefixed). ``views``: of the live tensors (see ``SiteTrainer.weight_views``), else copies."""
+        t = self.trainer
+        state = t.weight_views() if views else t.get_weights()
+        if self.momentum == "average":
+            state.update({MOMENTUM_PREFIX + k: m if views else m.copy() for k, m in t.momentum_views().items()})
+        return state
 
     def round(self, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], Arrays]:
         """Load the round's weights (if any), train ``epochs_per_round`` epochs, reply weights and metrics.
@@ -152,7 +167,12 @@ class TrainingSession:
             # network's parameters, shapes and dtypes (as sent), finite values.
             validate_update(arrays, wire_spec(self.spec, self.transfer_dtype))
             received = from_wire(arrays, self.spec)
-            t.set_weights(received)
+            weights, momentum = split_momentum(received)
+            t.set_weights(weights)
+            if momentum:
+                t.set_momentum(momentum)
+            elif self.momentum == "reset":
+                t.reset_momentum()
             if not narrows(self.spec, self.transfer_dtype):
                 received = {}  # the reply needs no base: the message's bytes can go before the epoch
             if isinstance(arrays, dict):
@@ -190,10 +210,10 @@ class TrainingSession:
             metrics["delivered"] = delivered
         # Views of the live weights: the reply is packed into its message before the network trains again, so
         # the model is copied once there (a copy here too would add one model to the worker's peak memory).
-        weights = t.weight_views()
+        state = self._state(views=True)
         if received is None:
-            return {"metrics": metrics}, to_wire(weights, self.transfer_dtype)
-        return {"metrics": metrics, "delta": True}, delta_to_wire(weights, received, self.transfer_dtype)
+            return {"metrics": metrics}, to_wire(state, self.transfer_dtype)
+        return {"metrics": metrics, "delta": True}, delta_to_wire(state, received, self.transfer_dtype)
 
     def _validate(self) -> dict[str, Any]:
         report = self.trainer.validate_online()
@@ -205,7 +225,7 @@ class TrainingSession:
     def validate(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """The ``validate`` reply: nnU-Net's online validation of ``arrays`` (full precision, like ``finish``)."""
         validate_update(arrays, self.spec)
-        self.trainer.set_weights(arrays)
+        self.trainer.set_weights(split_momentum(arrays)[0])
         return {"delivered": self._validate()}
 
     def save_checkpoint(self) -> None:
@@ -243,7 +263,7 @@ class TrainingSession:
                    "epoch": t.current_epoch, "epochs": 0, "replayed": True}
         logger.info("round ending at epoch %d was already trained here before a restart: replaying its weights",
                     epoch_end)
-        return {"metrics": metrics}, to_wire(t.get_weights(), self.transfer_dtype)
+        return {"metrics": metrics}, to_wire(self._state(views=False), self.transfer_dtype)
 
     def finish(self, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Write the final model as ``checkpoint_final.pth`` and run nnU-Net's final validation unless disabled."""
@@ -253,6 +273,7 @@ class TrainingSession:
         for model in (final, best):
             if model:
                 validate_update(model, self.spec)
+        final, best = split_momentum(final)[0], split_momentum(best)[0]  # a checkpoint's optimizer is the site's
         # the federation's best delivered model: sent beside the final one, or the final one itself
         best_weights = best or (final if config.get("best") == "final" else None)
         if best_weights:

@@ -23,7 +23,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["unwrap", "unique_tensors", "alias_map", "unique_state", "load_unique_state"]
+__all__ = ["unwrap", "unique_tensors", "alias_map", "unique_state", "load_unique_state", "momentum_buffers"]
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -165,3 +165,22 @@ def load_unique_state(module: torch.nn.Module, arrays: Mapping[str, np.ndarray])
         for key, tensor in live.items():
             tensor.copy_(torch.from_numpy(prepared[key]))
     logger.debug("loaded %d unique tensors in place", len(live))
+
+
+def momentum_buffers(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The live SGD momentum buffer of every de-duplicated weight that ``optimizer`` trains, keyed as
+    :func:`unique_state` (weights it does not train have none and are left out).
+
+    A weight without a buffer yet (before its first step) gets one of zeros: with nnU-Net's SGD (dampening 0) the
+    next step is then the same, bit for bit, as from no buffer (``buf = 0.99 * 0 + grad``).
+    """
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    buffers: dict[str, torch.Tensor] = {}
+    for key, tensor in unique_tensors(module).items():
+        if id(tensor) not in trained:
+            continue
+        state = optimizer.state[tensor]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(tensor, memory_format=torch.preserve_format)
+        buffers[key] = state["momentum_buffer"]
+    return buffers
