@@ -133,3 +133,38 @@ def test_ffe_variants_are_checked_before_anything_runs(raw: Path, tmp_path: Path
                                              "ffe-mom-reset, ffe-mom-avg, ffe-server-mom"):
         run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", methods=("ffe-fast",))
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_a_step_is_stopped_with_the_benchmark(tmp_path: Path, how: str) -> None:
+    """A benchmark step (e.g. ``fednnunet run train``, which owns a SuperLink, SuperNodes and workers) gets SIGTERM,
+    so that it stops its processes, when the benchmark is killed (the kernel sends it) or interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    child = tmp_path / "step.py"
+    child.write_text(textwrap.dedent(f"""
+        import signal, sys, time
+        from pathlib import Path
+        def stop(signum, frame):
+            Path({str(tmp_path / 'stopped')!r}).write_text(str(signum))
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, stop)
+        print("started", flush=True)
+        time.sleep(120)
+    """))
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, sys
+        from fednnunet.benchmark.protocol import _stream
+        _stream([sys.executable, {str(child)!r}], dict(os.environ), "step", lambda line: print(line, flush=True))
+    """)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().strip() == "started"
+    parent.send_signal(getattr(signal, how))
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "stopped").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    parent.wait(timeout=30)
+    assert (tmp_path / "stopped").read_text() == str(int(signal.SIGTERM))

@@ -220,13 +220,21 @@ def _bin(name: str) -> str:
 
 def _stream(cmd: list[str], env: dict[str, str], step: str, on_line: Callable[[str], None] | None = None,
             log_file: Path | None = None) -> None:
-    """Runs ``cmd``, feeding each output line to ``on_line``; raises BenchmarkError with the output's tail."""
+    """Runs ``cmd``, feeding each output line to ``on_line``; raises BenchmarkError with the output's tail.
+
+    The step is stopped with SIGTERM when the benchmark is interrupted or dies (even by SIGKILL: the kernel sends
+    it, see ``launch.die_with_parent``): a ``fednnunet run`` then stops its SuperLink, SuperNodes and workers,
+    which a SIGKILL would leave running on their own.
+    """
+    from fednnunet.launch import die_with_parent, terminate_all
+
     logger.info("%s: %s", step, shlex.join(cmd))
     tail: deque[str] = deque(maxlen=40)
     log = open(log_file, "a") if log_file else None
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1)
+                                bufsize=1, start_new_session=True,  # a Ctrl-C reaches it through us
+                                preexec_fn=die_with_parent if sys.platform == "linux" else None)
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
@@ -237,8 +245,7 @@ def _stream(cmd: list[str], env: dict[str, str], step: str, on_line: Callable[[s
                     on_line(line.rstrip("\n"))
             code = proc.wait()
         except BaseException:
-            proc.kill()
-            proc.wait()
+            terminate_all([proc], grace_s=30.0)
             raise
     finally:
         if log:
