@@ -157,8 +157,9 @@ def test_a_step_is_stopped_with_the_benchmark(tmp_path: Path, how: str) -> None:
         time.sleep(120)
     """))
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import os, sys
+        import os, signal, sys
         from fednnunet.benchmark.protocol import _stream
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl-C, also where the tests run in background
         _stream([sys.executable, {str(child)!r}], dict(os.environ), "step", lambda line: print(line, flush=True))
     """)], stdout=subprocess.PIPE, text=True)
     assert parent.stdout.readline().strip() == "started"
