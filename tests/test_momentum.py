@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fednnunet.aggregation.momentum import MOMENTUM_PREFIX, ServerMomentum, split_momentum
-from fednnunet.site.weights import momentum_buffers, unique_state
+from fednnunet.site.weights import copy_in_place, momentum_buffers, unique_state
 
 
 def test_split_momentum_takes_the_prefixed_buffers_apart() -> None:
@@ -75,6 +75,15 @@ def test_momentum_buffers_are_the_optimizers_own() -> None:
     buffers["weight"].fill_(2.0)
     assert torch.equal(opt.state[net.weight]["momentum_buffer"], torch.full((2, 3), 2.0))
     assert momentum_buffers(net, opt)["weight"] is buffers["weight"]
+    # what SiteTrainer.set_momentum writes with: all or nothing
+    with pytest.raises(ValueError, match=r"shape mismatch for 'weight': got \(3, 2\), optimizer has \(2, 3\)"):
+        copy_in_place(buffers, {"weight": np.zeros((3, 2), np.float32)}, what="momentum buffer", holder="optimizer")
+    with pytest.raises(ValueError, match="unexpected momentum buffer 'bias'"):
+        copy_in_place(buffers, {"weight": np.zeros((2, 3), np.float32), "bias": np.zeros(2, np.float32)},
+                      what="momentum buffer", holder="optimizer")
+    assert torch.equal(buffers["weight"], torch.full((2, 3), 2.0))
+    copy_in_place(buffers, {"weight": np.ones((2, 3), np.float64)}, what="momentum buffer", holder="optimizer")
+    assert torch.equal(opt.state[net.weight]["momentum_buffer"], torch.ones(2, 3))
 
 
 def test_server_loop_with_server_momentum_resumes_its_velocity(tmp_path: Path) -> None:

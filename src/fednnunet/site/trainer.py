@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from fednnunet.seeding import derive_seed, seed_everything
-from fednnunet.site.weights import live_state, load_unique_state, momentum_buffers, unique_state, unwrap
+from fednnunet.site.weights import (copy_in_place, live_state, load_unique_state, momentum_buffers, unique_state,
+                                   unwrap)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; importing nnunetv2 freezes its path variables
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -303,20 +304,10 @@ class SiteTrainer:
         """Writes ``arrays`` in place into the optimizer's momentum buffers (``--momentum average``).
 
         Raises:
-            ValueError: the names or shapes are not those of :meth:`momentum_views` (nothing is written then).
+            ValueError: the names, shapes or dtype kinds are not those of :meth:`momentum_views` (nothing is
+                written then).
         """
-        buffers = self._momentum()
-        if set(arrays) != set(buffers):
-            odd = sorted(set(arrays) ^ set(buffers))
-            raise ValueError(f"momentum buffers do not match the trained weights ({len(odd)} names differ, e.g. "
-                             f"{odd[0]!r})")
-        for key, buf in buffers.items():
-            if tuple(np.shape(arrays[key])) != tuple(buf.shape):
-                raise ValueError(f"momentum buffer {key!r}: shape {tuple(np.shape(arrays[key]))}, weight "
-                                 f"{tuple(buf.shape)}")
-        with torch.no_grad():
-            for key, buf in buffers.items():
-                buf.copy_(torch.from_numpy(np.array(arrays[key], order="C", copy=True)))
+        copy_in_place(self._momentum(), arrays, what="momentum buffer", holder="optimizer")
 
     def reset_momentum(self) -> None:
         """Zeroes the optimizer's momentum buffers (``--momentum reset``: the next step starts like a fresh SGD)."""

@@ -23,7 +23,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["unwrap", "unique_tensors", "alias_map", "unique_state", "load_unique_state", "momentum_buffers"]
+__all__ = ["unwrap", "unique_tensors", "alias_map", "unique_state", "load_unique_state", "copy_in_place",
+           "momentum_buffers"]
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -140,19 +141,35 @@ def load_unique_state(module: torch.nn.Module, arrays: Mapping[str, np.ndarray])
             the message names the key.
     """
     live = unique_tensors(module)
+    copy_in_place(live, arrays, hint="keys must be the de-duplicated state_dict keys of this network")
+    logger.debug("loaded %d unique tensors in place", len(live))
+
+
+def copy_in_place(live: Mapping[str, torch.Tensor], arrays: Mapping[str, np.ndarray], what: str = "weight",
+                  holder: str = "network", hint: str | None = None) -> None:
+    """Writes ``arrays`` into the ``live`` tensors of the same names (``copy_``: cast to each tensor's dtype within
+    the same kind), after checking every name, shape and dtype kind, so a bad payload writes nothing.
+
+    ``what`` / ``holder`` name the tensors and their owner in the messages (weights of the network, momentum
+    buffers of the optimizer); ``hint`` follows the message about an unexpected name.
+
+    Raises:
+        ValueError: a name is missing or unexpected, a shape differs, or a dtype cannot be cast safely; the message
+            names the key.
+    """
     missing = [k for k in live if k not in arrays]
     unexpected = [k for k in arrays if k not in live]
     if missing:
-        raise ValueError(f"missing weight {missing[0]!r} ({len(missing)} missing in total)")
+        raise ValueError(f"missing {what} {missing[0]!r} ({len(missing)} missing in total)")
     if unexpected:
-        raise ValueError(f"unexpected weight {unexpected[0]!r} ({len(unexpected)} unexpected in total); "
-                         "keys must be the de-duplicated state_dict keys of this network")
+        raise ValueError(f"unexpected {what} {unexpected[0]!r} ({len(unexpected)} unexpected in total)"
+                         + ("" if hint is None else f"; {hint}"))
     prepared: dict[str, np.ndarray] = {}
     for key, tensor in live.items():
         array = np.asarray(arrays[key])
         if tuple(array.shape) != tuple(tensor.shape):
             raise ValueError(f"shape mismatch for {key!r}: got {tuple(array.shape)}, "
-                             f"network has {tuple(tensor.shape)}")
+                             f"{holder} has {tuple(tensor.shape)}")
         target = torch.empty(0, dtype=tensor.dtype).numpy().dtype
         if not np.can_cast(array.dtype, target, casting="same_kind"):
             raise ValueError(f"dtype mismatch for {key!r}: cannot cast {array.dtype} to {target}")
@@ -164,7 +181,6 @@ def load_unique_state(module: torch.nn.Module, arrays: Mapping[str, np.ndarray])
     with torch.no_grad():
         for key, tensor in live.items():
             tensor.copy_(torch.from_numpy(prepared[key]))
-    logger.debug("loaded %d unique tensors in place", len(live))
 
 
 def momentum_buffers(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
