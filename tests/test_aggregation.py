@@ -492,3 +492,56 @@ def test_site_ordered_adds_make_a_seeded_average_independent_of_arrival_order() 
     adds.add("a", lambda: None)
     with pytest.raises(ValueError, match="not expected"):
         adds.add("a", lambda: None)
+
+
+# ---------------------------------------------------------------------------------------------- update norm bound
+def test_clip_update_scales_a_long_update_to_the_bound() -> None:
+    from fednnunet.aggregation import clip_update, update_norm
+
+    base = {"a": np.zeros(2, np.float32), "b": np.ones((1, 2), np.float64), "n": np.array(7, np.int64)}
+    update = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[1.0, 5.0]]), "n": np.array(9, np.int64)}
+    # the change over every float array together: (3, 0) and (0, 4) -> norm 5; integers do not count
+    assert update_norm(update, base) == pytest.approx(5.0)
+    clipped, norm = clip_update(update, base, 1.0)
+    assert norm == pytest.approx(5.0)
+    np.testing.assert_allclose(clipped["a"], [0.6, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(clipped["b"], [[1.0, 1.8]])
+    assert clipped["a"].dtype == np.float32 and clipped["b"].dtype == np.float64
+    assert clipped["n"] is update["n"]  # an integer buffer is never scaled
+    assert update_norm(clipped, base) == pytest.approx(1.0)
+    # within the bound: the same arrays, unchanged (plain FedAvg maths)
+    same, norm = clip_update(update, base, 5.5)
+    assert norm == pytest.approx(5.0) and all(same[k] is update[k] for k in update)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError):
+            clip_update(update, base, bad)
+
+
+def test_update_norm_of_a_large_array_in_blocks() -> None:
+    from fednnunet.aggregation import update_norm
+
+    rng = np.random.default_rng(3)
+    base = {"w": rng.standard_normal(3_000_001).astype(np.float32)}
+    update = {"w": base["w"] + rng.standard_normal(3_000_001).astype(np.float32)}
+    expected = np.linalg.norm(update["w"].astype(np.float64) - base["w"].astype(np.float64))
+    assert update_norm(update, base) == pytest.approx(expected, rel=1e-12)
+
+
+def test_clipped_fedavg_bounds_one_sites_influence() -> None:
+    """A hostile site sends a huge update: after clipping, the average moves by at most its weight share x C."""
+    from fednnunet.aggregation import clip_update
+
+    rng = np.random.default_rng(5)
+    g = {"w": rng.standard_normal(100).astype(np.float32)}
+    honest = [{"w": g["w"] + np.float32(0.01) * rng.standard_normal(100).astype(np.float32)} for _ in range(3)]
+    hostile = {"w": g["w"] + np.float32(1e6)}
+    bound, weights = 1.0, [1.0, 1.0, 1.0, 1.0]
+    plain = fedavg(honest + [hostile], weights)
+    assert np.linalg.norm(plain["w"] - g["w"]) > 1e5
+    clipped = [clip_update(u, g, bound)[0] for u in honest + [hostile]]
+    honest_avg = fedavg(honest, [1.0, 1.0, 1.0])
+    robust = fedavg(clipped, weights)
+    # honest updates are short: unchanged; the hostile one moves the average by at most 1/4 x C
+    assert all(c["w"] is u["w"] for c, u in zip(clipped[:3], honest))
+    shift = np.linalg.norm(robust["w"].astype(np.float64) - (3 * honest_avg["w"] + g["w"]) / 4)
+    assert shift <= 0.25 * bound * (1 + 1e-5)

@@ -138,6 +138,11 @@ def test_ffe_training_end_to_end(federation: Path) -> None:
     assert [x["round"] for x in lines] == [1, 2]
     assert all(set(x["sites"]) == {"901", "902"} for x in lines)
     assert load_state(out)["round"] == 2 and (out / "progress.png").stat().st_size > 0
+    # the FedAvg weights: fixed at train_init, bounded by the merged fingerprint's case total, in every round
+    fixed = load_state(out)["site_weights"]
+    assert sum(fixed["declared"].values()) == fixed["planned_total"] > 0
+    assert all(x["weights"] == {s: float(n) for s, n in fixed["cases"].items()} for x in lines)
+    assert all(0 < fixed["cases"][s] <= fixed["declared"][s] for s in ("901", "902"))
     # the model each site received was validated before its epoch (nnU-Net's online validation): the initial
     # model in round 1, the aggregate after round 1 in round 2, the final one after the last round
     assert [x["delivered_model_round"] for x in lines] == [0, 1]
@@ -310,12 +315,15 @@ class _FakeCaller:
     """Sites that answer like site workers: each 'epoch' adds the site's number to every weight."""
 
     def __init__(self, shapes: dict[str, dict[str, tuple[int, ...]]], fail: dict[tuple[str, int], str],
-                 step: float | None = None, delta_dtype: str | None = None) -> None:
+                 step: float | None = None, delta_dtype: str | None = None, asym: bool = False,
+                 trainer: str = "nnUNetTrainer") -> None:
         """``step``: what an 'epoch' adds (default: the site's number); ``delta_dtype``: reply like a real site
-        with a narrower transfer dtype, i.e. the change from the received weights (aggregation/wire.py)."""
+        with a narrower transfer dtype, i.e. the change from the received weights (aggregation/wire.py);
+        ``asym``: every site planned alone (its fingerprint lists its own cases, not the federation's)."""
         from fednnunet.flower.site_caller import TrafficCounter
 
         self.shapes, self.fail, self.traffic = shapes, fail, TrafficCounter()
+        self.asym, self.trainer = asym, trainer
         self.step, self.delta_dtype = step, delta_dtype
         self.received: dict[int, dict[str, dict[str, np.ndarray]]] = {}
 
@@ -341,10 +349,18 @@ class _FakeCaller:
         for site, cfg in configs.items():
             if op == "train_init":
                 weights = {k: np.full(v, float(site), np.float32) for k, v in self.shapes[site].items()}
-                info = {"num_training_cases": int(site), "current_epoch": 0, "num_epochs": 1000,
-                        "trainer_name": "nnUNetTrainer", "configuration": "2d", "fold": 0,
-                        "inference_allowed_mirroring_axes": [0, 1], "plans": {}, "dataset_json": {},
-                        "dataset_fingerprint": {}, "state_keys": {k: k for k in weights}}
+                # a site's dataset: its training cases plus one validation case; FFE's merged fingerprint lists
+                # one spacing per case of every site
+                planned = [int(site) + 1] if self.asym else [int(s) + 1 for s in self.shapes]
+                info = {"num_training_cases": int(site), "num_validation_cases": 1,
+                        "dataset_num_cases": int(site) + 1, "current_epoch": 0, "num_epochs": 1000,
+                        "trainer_name": self.trainer, "configuration": "2d", "fold": 0,
+                        "inference_allowed_mirroring_axes": [0, 1],
+                        "plans": {"dataset_name": f"Dataset{site}", "plans_name": "nnUNetPlans",
+                                  "configurations": {"2d": {}}},
+                        "dataset_json": {"name": f"site {site}", "labels": {"background": 0, "fg": 1}},
+                        "dataset_fingerprint": {"spacings": [[1.0, 1.0]] * sum(planned)},
+                        "state_keys": {k: k for k in weights}}
                 replies[site] = (info, weights)
             elif op == "train_round":
                 r = cfg["round"]
@@ -436,7 +452,7 @@ def test_server_keeps_the_best_delivered_model(tmp_path: Path, asym: bool) -> No
                     "val_loss": 0.5, "num_val_cases": int(site), "seconds": 0.01}
 
     shapes = {"1": {"w": (2,)}, "3": {"w": (2,)}}
-    caller = Validating(shapes, {})
+    caller = Validating(shapes, {}, asym=asym)
     run_training_task(_job(tmp_path, asym), caller, EventLog(tmp_path / "events.jsonl"))
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["delivered_mean_fg_dice"] for x in lines] == pytest.approx([0.1, 0.6, 0.5])
@@ -455,7 +471,7 @@ def test_server_keeps_the_best_delivered_model(tmp_path: Path, asym: bool) -> No
     assert "checkpoint_best.pth: the delivered model after round 1" in (tmp_path / "events.jsonl").read_text()
 
     # one more round: the final model (pooled 0.95) becomes the best; the sites save the final one as best
-    caller2 = Validating(shapes, {})
+    caller2 = Validating(shapes, {}, asym=asym)
     run_training_task(_job(tmp_path, asym, rounds=4, resume=True), caller2, EventLog(tmp_path / "events.jsonl"))
     configs, arrays = caller2.finish
     assert all(c["best"] == "final" for c in configs.values()) and not any("best/w" in a for a in arrays.values())
@@ -478,7 +494,7 @@ def test_server_loop_asym_keeps_incompatible_layers(tmp_path: Path) -> None:
     from fednnunet.federation.training import run_training_task
 
     shapes = {"1": {"enc": (2,), "head": (3,)}, "3": {"enc": (2,), "head": (5,), "deep": (1,)}}
-    caller = _FakeCaller(shapes, {})
+    caller = _FakeCaller(shapes, {}, asym=True)
     run_training_task(_job(tmp_path, True, rounds=2), caller, EventLog(tmp_path / "events.jsonl"))
     got = caller.received[2]
     np.testing.assert_allclose(got["1"]["enc"], (1 * 2 + 3 * 6) / 4)  # averaged, weighted by cases

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -72,6 +73,7 @@ def _job_from_args(args: argparse.Namespace, sites: list[str], out_dir: Path, nu
                    asym=getattr(args, "asym", False), configurations=configurations,
                    planner=getattr(args, "pl", "ExperimentPlanner"), gpu_memory_target_gb=gpu,
                    num_processes=getattr(args, "np", None) or 1, check_cases=not getattr(args, "no_check", False),
+                   connect_timeout_s=getattr(args, "site_wait", None) or JobSpec.connect_timeout_s,
                    train=train, best_configuration=best)
 
 
@@ -139,15 +141,16 @@ def _train_options(args: argparse.Namespace):
             min_sites=args.min_sites, round_timeout_s=args.round_timeout, resume=args.resume,
             asym_scope=args.asym_scope, da_workers=args.da_workers, transfer_dtype=args.transfer_dtype,
             seed=args.seed, validate_delivered_every=args.validate_delivered_every, momentum=args.momentum,
-            server_momentum=args.server_momentum)
+            server_momentum=args.server_momentum, clip_update_norm=args.clip_update_norm)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fednnunet.launch import LocalFederation, Site
+    from fednnunet.launch import PRIVATE_UMASK, LocalFederation, Site
 
     _require_env()
+    os.umask(PRIVATE_UMASK)  # the coordinator's state (SuperLink database: task token, messages) and outputs
     sites = _split_ids([args.datasets])
     if len(set(sites)) != len(sites):
         raise SystemExit(f"error: a dataset is listed twice: {' '.join(sites)}")
@@ -175,8 +178,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # --- multi-machine -------------------------------------------------------------------------------------------
 def cmd_server(args: argparse.Namespace) -> int:
-    from fednnunet.launch import FederationError, ServerNode, ServerTLS, split_address
+    from fednnunet.launch import PRIVATE_UMASK, FederationError, ServerNode, ServerTLS, split_address
 
+    os.umask(PRIVATE_UMASK)  # every folder 0700, every file 0600: the SuperLink database holds the task token
     out_dir = Path(args.out or Path.cwd() / "fednnunet_server" / f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir = out_dir.resolve()
     job = _job_from_args(args, [], out_dir, num_sites=args.num_clients)
@@ -199,14 +203,14 @@ def cmd_server(args: argparse.Namespace) -> int:
             print(f"serving {args.task} on {host}:{port} ({'TLS, registered sites only' if tls else 'insecure'}); "
                   f"waiting for {args.num_clients} site(s); output {out_dir}", flush=True)
             print("\n".join(server.exposure()), flush=True)
-            return server.run(job)
+            return server.run(replace(job, site_nodes={str(n): s for n, s in server.site_of_node.items()}))
 
     return _run_reporting(args.task, out_dir, started, work)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
     """One hospital: this process is the site worker; it starts the site's SuperNode and answers its tasks."""
-    from fednnunet.launch import is_loopback, split_address
+    from fednnunet.launch import PRIVATE_UMASK, is_loopback, split_address
     from fednnunet.site.serve import SuperNodeExited, run_site
     from fednnunet.site.supernode import SuperNodeSpec
     from fednnunet.site.worker import SiteWorker, install_sigterm_handling
@@ -221,7 +225,8 @@ def cmd_client(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if args.da_workers is not None:
         os.environ["nnUNet_n_proc_DA"] = str(args.da_workers)  # read by nnU-Net's trainer, imported later
-    name = args.site_name or args.dataset
+    os.umask(PRIVATE_UMASK)  # the site's logs and outputs: this user's only
+    name = _client_site_name(args)
     if getattr(args, "share_per_case", False):
         from fednnunet.evaluation.cross_validation import SHARE_PER_CASE_ENV
 
@@ -242,15 +247,31 @@ def cmd_client(args: argparse.Namespace) -> int:
     terminal, terminal_err = _send_output_to(log)
     install_sigterm_handling(worker)  # SIGTERM: stop at once, but never in the middle of a checkpoint write
     try:
-        run_site(worker, spec, logs)
+        run_site(worker, spec, logs, rejoin_for_s=args.rejoin_for,
+                 notify=lambda line: print(line, file=terminal_err, flush=True))
     except SuperNodeExited as err:
         print(f"error: {err}", file=terminal_err, flush=True)
         return 1
     except KeyboardInterrupt:
         print("interrupted: this site's SuperNode was stopped", file=terminal_err, flush=True)
         return 130
+    if worker.refusal is not None:
+        print(f"error: {worker.refusal}", file=terminal_err, flush=True)
+        return 1
     print(f"site {name}: the server's job ended after {time.time() - started:.0f} s", file=terminal, flush=True)
     return 0
+
+
+def _client_site_name(args: argparse.Namespace) -> str:
+    """This site's name: ``--site-name``, else its key's file name (``h1.key`` -> ``h1``, the name the coordinator
+    registered ``h1.pub`` under), else the dataset. A plain identifier: it names log folders here."""
+    from fednnunet.security.certs import check_site_name
+
+    name = args.site_name or (Path(args.auth_key).stem if args.auth_key else args.dataset)
+    try:
+        return check_site_name(name)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}; pass --site-name") from None
 
 
 def _send_output_to(log: Path) -> tuple[Any, Any]:
@@ -276,14 +297,31 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from fednnunet.security.certs import make_certificates
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    sites: int | list[str] = ([n.strip() for n in args.site_names.split(",") if n.strip()] if args.site_names
+                              else args.sites)
     try:
-        certs = make_certificates(Path(args.out), hosts, args.sites)
+        certs = make_certificates(Path(args.out), hosts, sites)
     except (ValueError, FileExistsError) as err:
         raise SystemExit(f"error: {err}") from None
     print(f"CA certificate (give to every site):  {certs.ca_cert}")
     print(f"server certificate and key:            {certs.server_cert}, {certs.server_key}")
     for site, (key, pub) in certs.site_keys.items():
         print(f"{site}: private key {key} (to that site only), public key {pub} (registered by the server)")
+    print(f"a hospital's own key: `fednnunet keygen --name NAME --out DIR` there, then its NAME.pub into "
+          f"{certs.folder / 'sites'}")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from fednnunet.security.certs import make_site_key
+
+    try:
+        private, public = make_site_key(Path(args.out), args.name)
+    except (ValueError, FileExistsError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"private key {private} (stays here: `fednnunet client ... --auth-key {private}`)")
+    print(f"public key  {public} (send it to the coordinator, who puts it into <tls-dir>/sites/{public.name}; "
+          f"this site is then '{args.name}' in the federation)")
     return 0
 
 
@@ -371,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         security = t.add_mutually_exclusive_group()
         security.add_argument("--tls-dir", help="folder made by `fednnunet certs` (TLS + registered site keys)")
         security.add_argument("--insecure", action="store_true", help="no TLS, no site authentication")
+        t.add_argument("--site-wait", type=float, default=None, metavar="S",
+                       help="seconds the job waits for the sites to connect at its start (default 300)")
         _add_task_options(t, task)
 
     for task, t in _task_parsers(sub, "client", cmd_client,
@@ -386,19 +426,35 @@ def build_parser() -> argparse.ArgumentParser:
         security.add_argument("--tls-root", help="the federation's CA certificate (ca.crt)")
         security.add_argument("--insecure", action="store_true", help="no TLS (refused unless the server is local)")
         t.add_argument("--auth-key", help="this site's private key (sites/siteN.key from `fednnunet certs`)")
-        t.add_argument("--site-name", help="name of this site in the federation (default: the dataset)")
+        t.add_argument("--site-name", help="name of this site (default: the --auth-key file's name, else the "
+                       "dataset); with a key, the server knows the site by its key and refuses another name")
         t.add_argument("--da-workers", type=int, default=None, help="nnUNet_n_proc_DA at this site")
         t.add_argument("--connect-timeout", type=float, default=300.0,
-                       help="seconds to keep trying to reach the server")
+                       help="seconds this site's SuperNode keeps trying to reach the server (at the start: then the "
+                            "client ends with the reason; later: then it is restarted, see --rejoin-for)")
+        t.add_argument("--rejoin-for", type=float, default=3600.0, metavar="S",
+                       help="seconds this site keeps trying to rejoin after it lost the server during the job (an "
+                            "outage, a coordinator restart): its SuperNode is restarted with backoff (5 s doubling "
+                            "to 60 s), a line on the terminal each time, its trainer kept; then the client exits "
+                            "non-zero with the reason (default 3600)")
         if task != "train":
             t.add_argument("-np", type=int, default=1, help="cases checked in parallel before connecting")
             t.add_argument("--no-check", action="store_true", help="skip the data check before connecting")
 
-    p = sub.add_parser("certs", help="a CA, a server certificate and one key pair per site")
+    p = sub.add_parser("certs", help="a CA, a server certificate (and, for trials, site key pairs)")
     p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--hosts", required=True, help="server names/addresses sites connect to, comma separated")
-    p.add_argument("--sites", type=int, required=True, help="number of site key pairs")
+    names = p.add_mutually_exclusive_group()
+    names.add_argument("--sites", type=int, default=0,
+                       help="site key pairs site1..siteN to make here (default 0: each hospital makes its own "
+                            "with `fednnunet keygen` and sends only NAME.pub)")
+    names.add_argument("--site-names", help="comma separated names of the site key pairs to make here")
     p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("keygen", help="a hospital's own site key pair; only NAME.pub goes to the coordinator")
+    p.add_argument("--name", required=True, help="this site's name in the federation (a plain identifier)")
+    p.add_argument("--out", required=True, help="folder for NAME.key (private, 0600) and NAME.pub")
+    p.set_defaults(func=cmd_keygen)
 
     from fednnunet import cli_bench, cli_check, cli_evaluation  # their commands live beside their stages
 
@@ -467,7 +523,10 @@ def _add_train_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--val_best", action="store_true", help="validate with checkpoint_best.pth")
     t.add_argument("--disable_checkpointing", action="store_true")
     t.add_argument("--skip-val", action="store_true", help="no final validation (quick CPU runs)")
-    t.add_argument("--rounds", type=int, default=None, help="default: the trainer's num_epochs / epochs per round")
+    t.add_argument("--rounds", type=int, default=None,
+                   help="default: the trainer's epochs / epochs per round, known to the coordinator only for "
+                        "nnUNetTrainer (1000) and nnU-Net's nnUNetTrainer_<N>epochs variants (N); any other -tr "
+                        "needs --rounds (never taken from a site)")
     t.add_argument("--iterations-per-round", type=int, default=None,
                    help="training iterations per epoch (default: the trainer's, 250)")
     t.add_argument("--val-iterations", type=int, default=None, help="validation iterations per epoch (default 50)")
@@ -480,6 +539,10 @@ def _add_train_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--server-momentum", type=float, default=0.0, metavar="BETA",
                    help="FedAvgM at the server (FFE only): the round's change to the global model applied with "
                         "momentum BETA in [0, 1) (default 0: plain FedAvg)")
+    t.add_argument("--clip-update-norm", type=float, default=None, metavar="C",
+                   help="bound each site's update (its change from the model it was sent) to L2 norm C before "
+                        "averaging, so one site moves the model by at most its weight share x C per round; the "
+                        "norms are in metrics.jsonl (update_norms) (default: no bound)")
     t.add_argument("--min-sites", type=int, default=None, help="fewest sites a round may have (default: all)")
     t.add_argument("--round-timeout", type=float, default=None, help="seconds before a site is left out of a round")
     t.add_argument("--resume", action="store_true", help="continue from the last completed round in --out")

@@ -28,11 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from fednnunet.federation.job import JobSpec
 from fednnunet.federation.runner import EVENTS_FILE, read_result
 from fednnunet.flower.app_bundle import app_dir
+from fednnunet.planning.site_planning import write_json_atomic
 
 if TYPE_CHECKING:
     from fednnunet.flower.own_runs import OwnRuns
@@ -105,6 +106,28 @@ def remove_private_folders() -> None:
 atexit.register(remove_private_folders)
 
 
+#: Coordinator state that must be this user's only: created with this umask (folders 0700, files 0600) by the
+#: coordinator and everything it starts (the SuperLink creates its database with the process umask).
+PRIVATE_UMASK = 0o077
+#: Beside the SuperLink's database: which node id each registered site key got (``ServerNode.register_sites``).
+SITE_NODES_FILE = "site_nodes.json"
+
+
+def _key_blob(public_key: Path) -> str:
+    """The key material of an OpenSSH public key file (its comment and file name aside)."""
+    fields = public_key.read_text().split()
+    if len(fields) < 2:
+        raise FederationError(f"{public_key} is not an OpenSSH public key")
+    return fields[1]
+
+
+def make_private(folder: Path) -> Path:
+    """``folder`` (created if needed) readable and writable by this user only (0700)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    return folder
+
+
 def write_secret(folder: Path) -> Path:
     """A new random SuperExec auth secret in ``folder`` (made private: mode 0700), readable by this user only."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -156,8 +179,21 @@ class ServerTLS:
     def ca(self) -> Path:
         return self.folder / "ca.crt"
 
-    def site_public_keys(self) -> list[Path]:
-        return sorted((self.folder / "sites").glob("*.pub"))
+    @property
+    def sites_folder(self) -> Path:
+        return self.folder / "sites"
+
+    def site_public_keys(self) -> dict[str, Path]:
+        """Site name -> public key: a site is named by its key's file, ``sites/NAME.pub``."""
+        from fednnunet.security.certs import check_site_name
+
+        keys = {}
+        for path in sorted(self.sites_folder.glob("*.pub")):
+            try:
+                keys[check_site_name(path.stem)] = path
+            except ValueError as err:
+                raise FederationError(f"{path}: {err}") from None
+        return keys
 
     def check(self) -> None:
         missing = [p for p in (self.ca, self.folder / "server.crt", self.folder / "server.key") if not p.exists()]
@@ -288,6 +324,8 @@ class ServerNode(ProcessGroup):
         self.database = database
         self.loopback_tls: Path | None = None
         self.own_runs: OwnRuns | None = None
+        #: node id -> site name, for the keys this server registered (TLS only; see register_sites)
+        self.site_of_node: dict[int, str] = {}
         self._grids: set[Any] = set()  # the Grids of runs being executed here, abandoned when the node stops
         self._executing: set[int] = set()  # ids of the runs whose work a thread of this process does now
         self._executed: dict[int, str] = {}  # run id -> how its work here ended ("" when it completed)
@@ -303,7 +341,13 @@ class ServerNode(ProcessGroup):
     def start(self) -> "ServerNode":
         cmd = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                "--disable-runtime-dependency-installation"]
+        make_private(self.workdir)
         if self.database is not None:  # registered site keys keep their node ids when the server restarts
+            # it holds the ServerApp's task token and every message in transit: this user's only, whatever the
+            # umask (a database of an older version is made private too)
+            make_private(self.database.parent)
+            for path in self.database.parent.glob(self.database.name + "*"):
+                os.chmod(path, 0o600)
             cmd += ["--database", str(self.database)]
         secret = None
         if not self.flower_executes:
@@ -410,16 +454,34 @@ class ServerNode(ProcessGroup):
         (home / "config.toml").write_text(f'[superlink]\ndefault = "server"\n\n[superlink.server]\n'
                                           f'address = "127.0.0.1:{self.port}"\n{security}')
 
-    def register_sites(self, public_keys: Sequence[Path]) -> None:
-        """Register site keys (Flower SuperNode authentication) over loopback: only these sites can join."""
+    def register_sites(self, public_keys: Mapping[str, Path]) -> None:
+        """Register site keys (Flower SuperNode authentication) over loopback: only these sites can join, and
+        each node is the site its key is named for (:attr:`site_of_node`). Which node id each key got is kept in
+        :data:`SITE_NODES_FILE` beside the SuperLink's database, so that a restarted server knows the keys that
+        database registered before (Flower answers only "already registered" for them)."""
         if not public_keys:
-            raise FederationError(f"no site public keys in {self.tls.folder / 'sites'}; "  # type: ignore[union-attr]
+            raise FederationError(f"no site public keys in {self.tls.sites_folder}; "  # type: ignore[union-attr]
                                   "nothing could join")
-        for key in public_keys:
-            res = self.flwr("supernode", "register", str(key), "server")
-            if res.returncode != 0 and "already" not in (res.stdout + res.stderr).lower():
-                raise FederationError(f"registering {key.name} failed: {res.stdout}{res.stderr}")
-            logger.info("registered site key %s", key.name)
+        known = self._load_site_nodes()
+        for name, key in public_keys.items():
+            blob = _key_blob(key)
+            res = self.flwr("supernode", "register", str(key), "server", "--name", name, "--format", "json")
+            try:
+                known[blob] = int(json.loads(res.stdout)["node-id"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                if blob not in known:
+                    raise FederationError(f"registering {key.name} failed: {res.stdout}{res.stderr}") from None
+            logger.info("registered site key %s as node %d", key.name, known[blob])
+        self.site_of_node = {known[_key_blob(key)]: name for name, key in public_keys.items()}
+        if self.database is not None:
+            write_json_atomic(self.workdir / SITE_NODES_FILE, known)  # mode 0600 (a mkstemp file)
+
+    def _load_site_nodes(self) -> dict[str, int]:
+        """Public key (its OpenSSH base64 blob) -> node id, as registered in this server's database."""
+        path = self.workdir / SITE_NODES_FILE
+        if self.database is None or not path.exists():
+            return {}
+        return {str(blob): int(node) for blob, node in json.loads(path.read_text()).items()}
 
     def flwr(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([_bin("flwr"), *args], env=self.env("cli"), capture_output=True, text=True,

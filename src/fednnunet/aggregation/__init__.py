@@ -12,6 +12,8 @@ from fednnunet.aggregation.fedavg import (
     fedavg,
 )
 from fednnunet.aggregation.ordered import SiteOrderedAdds
+from fednnunet.aggregation.robust import clip_update, update_norm
+from fednnunet.aggregation.site_weights import FixedWeights, SiteReplyError, fix_site_weights
 from fednnunet.aggregation.validation import (
     ModelSpec,
     UpdateRejected,
@@ -22,14 +24,19 @@ from fednnunet.aggregation.wire import WIRE_DTYPES, delta_to_wire, from_wire, na
 
 __all__ = [
     "AsymReport",
+    "FixedWeights",
     "ModelSpec",
     "SiteAsymStats",
     "SiteOrderedAdds",
+    "SiteReplyError",
     "StreamingAsymAverager",
     "StreamingAverager",
     "UpdateRejected",
     "asym_fedavg",
+    "clip_update",
     "fedavg",
+    "fix_site_weights",
+    "update_norm",
     "validate_metrics",
     "validate_update",
     "WIRE_DTYPES",

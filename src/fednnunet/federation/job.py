@@ -26,6 +26,9 @@ class JobSpec:
     num_processes: int = 1
     check_cases: bool = True
     connect_timeout_s: float = 300.0
+    #: node id (as a string: JSON keys) -> site name, for the site keys the coordinator registered: a reply is
+    #: attributed to the site of the node that sent it, never to the name the site gives itself
+    site_nodes: dict[str, str] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     #: find_best_configuration's options (``federation.best_configuration.BestConfigurationOptions``)
     best_configuration: dict[str, Any] = field(default_factory=dict)

@@ -13,6 +13,13 @@ may be left out of a round (errors, ``--round-timeout``) while the run goes on (
 server state must be saved atomically after every round so that ``--resume`` can continue. The trainers
 themselves live in the site workers (``fednnunet.site.training_session``), built once per run.
 
+Site replies are data (issue 24): folders and the number of rounds come from the coordinator's own options only
+(``-tr``, ``-p``, the job's configuration, ``--rounds`` or :func:`default_epochs`); the names a site replies must be
+plain identifiers equal to them, the plans/dataset/fingerprint JSONs written beside the global model are taken
+only when every FFE site holds the same ones (:func:`check_site_infos`), and the FedAvg weights are fixed at
+``train_init`` from counts bounded by the merged fingerprint (aggregation/site_weights.py); a round's reply with
+another count is an update rejection. ``--clip-update-norm`` bounds each site's update (aggregation/robust.py).
+
 Outputs in the job's out dir (per fold in ``fold_X/`` when several folds run): ``metrics.jsonl`` (one JSON line
 per round), ``progress.png``, ``state/`` (``state.json`` + ``round_NNNN.npz``), and in FFE mode the global model in
 nnU-Net's layout under ``global/<trainer>__<plans>__<configuration>/fold_X/``.
@@ -24,11 +31,12 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,6 +44,9 @@ import numpy as np
 
 from fednnunet.aggregation import (WIRE_DTYPES, ModelSpec, SiteOrderedAdds, StreamingAsymAverager, StreamingAverager,
                                    UpdateRejected, from_wire, to_wire, validate_metrics, validate_update, wire_spec)
+from fednnunet.aggregation.robust import check_max_norm, clip_update
+from fednnunet.aggregation.site_weights import (FixedWeights, SiteReplyError, check_resumed, fingerprint_digest,
+                                                fix_site_weights)
 from fednnunet.aggregation.momentum import MOMENTUM_MODES, ServerMomentum, split_momentum
 from fednnunet.federation.delivered import (BEST_PREFIX, BestDelivered, check_delivered, pooled_dice,
                                             validates_round)
@@ -47,7 +58,8 @@ logger = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 
-__all__ = ["TrainOptions", "run_training_task", "load_state", "save_state"]
+__all__ = ["TrainOptions", "run_training_task", "load_state", "save_state", "default_epochs", "check_identifier",
+           "check_site_infos", "write_global_model"]
 
 STATE_DIR = "state"
 STATE_FILE = "state.json"
@@ -61,7 +73,7 @@ _SEP = "::"  # site and parameter name in the keys of an AsymFedAvg state file
 # Options that only the server uses; everything else is sent to the sites as their trainer configuration.
 _SERVER_ONLY = ("folds", "weighting", "min_sites", "round_timeout_s", "init_timeout_s", "finish_timeout_s",
                 "resume", "asym_scope", "skip_validation", "validation_only", "validate_delivered_every",
-                "server_momentum")
+                "server_momentum", "clip_update_norm")
 #: Name prefix of the server momentum's velocity in a saved FFE state (beside the global model's arrays).
 _VELOCITY_PREFIX = "server_velocity/"
 
@@ -82,7 +94,7 @@ class TrainOptions:
     val_best: bool = False
     disable_checkpointing: bool = False
     skip_validation: bool = False  # no final validation (not an nnU-Net flag; for quick CPU runs)
-    rounds: int | None = None  # default: the trainer's num_epochs / epochs_per_round
+    rounds: int | None = None  # default: default_epochs(trainer) / epochs_per_round (the coordinator's own rule)
     iterations_per_round: int | None = None
     val_iterations: int | None = None
     epochs_per_round: int = 1
@@ -99,8 +111,14 @@ class TrainOptions:
     validate_delivered_every: int = 1  # validate the delivered model every N rounds (0: never; federation/delivered.py)
     momentum: str = "local"  # the sites' SGD momentum: kept, reset or averaged each round (aggregation/momentum.py)
     server_momentum: float = 0.0  # FedAvgM's beta at the server (FFE only; 0: plain FedAvg)
+    clip_update_norm: float | None = None  # bound on the L2 norm of each site's update (aggregation/robust.py)
 
     def __post_init__(self) -> None:
+        # these name folders (at the sites and in the coordinator's global/ model folder)
+        for name in ("configuration", "trainer", "plans"):
+            check_identifier(getattr(self, name), name)
+        if self.clip_update_norm is not None:
+            self.clip_update_norm = check_max_norm(self.clip_update_norm)
         self.folds = [str(f) for f in self.folds]
         for f in self.folds:
             if f != "all" and not f.isdigit():
@@ -137,6 +155,19 @@ class TrainOptions:
                              "delivered-model validation (--validate-delivered-every N > 0)")
         if self.pretrained_weights and (self.continue_training or self.resume):
             raise ValueError("pretrained weights only apply at the start of a training, not with --c/--resume")
+        if self.rounds is None and not self.validation_only and default_epochs(self.trainer) is None:
+            raise ValueError(f"the number of rounds of trainer {self.trainer} is unknown to the coordinator: give "
+                             "--rounds (defaults exist only for nnUNetTrainer, 1000 epochs, and nnU-Net's "
+                             "nnUNetTrainer_<N>epochs variants)")
+
+    def total_rounds(self) -> int:
+        """``rounds``, or the default from the trainer's name (never from a site): its epochs / epochs per round."""
+        if self.rounds is not None:
+            return int(self.rounds)
+        epochs = default_epochs(self.trainer)
+        if epochs is None:
+            raise ValueError(f"give --rounds: trainer {self.trainer} has no default known to the coordinator")
+        return max(1, epochs // self.epochs_per_round)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainOptions":
@@ -156,6 +187,33 @@ class TrainOptions:
         if continue_training:
             cfg["pretrained_weights"] = None
         return cfg
+
+
+#: nnU-Net's default training length (nnUNetTrainer.num_epochs)
+NNUNET_DEFAULT_EPOCHS = 1000
+#: nnU-Net's naming convention for trainers that only change the number of epochs (nnUNetTrainer_5epochs,
+#: nnUNetTrainer_1epoch, nnUNetTrainer_250epochs_NoMirroring, ...)
+_EPOCHS_VARIANT = re.compile(r"^nnUNetTrainer_([1-9][0-9]{0,5})epochs?(_NoMirroring)?$")
+#: A name a site's reply may put into a file path: a plain identifier, never ``..`` or a separator.
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+
+
+def default_epochs(trainer: str) -> int | None:
+    """The epochs of ``trainer`` as the coordinator knows them: 1000 for nnUNetTrainer, N for nnU-Net's
+    ``nnUNetTrainer_<N>epochs`` variants; None for any other trainer (then ``--rounds`` is required)."""
+    if trainer == "nnUNetTrainer":
+        return NNUNET_DEFAULT_EPOCHS
+    match = _EPOCHS_VARIANT.match(trainer)
+    return int(match.group(1)) if match else None
+
+
+def check_identifier(value: Any, what: str) -> str:
+    """``value`` if it is a plain identifier that is safe in a file name (``ValueError`` otherwise)."""
+    if not isinstance(value, str) or not _IDENTIFIER.match(value) or ".." in value:
+        text = repr(value)
+        raise ValueError(f"{what} must be a plain name (letters, digits, '_', '.', '-'; no '..'), got "
+                         f"{text if len(text) <= 60 else text[:57] + '...'}")
+    return value
 
 
 # --- server state ----------------------------------------------------------------------------------------------
@@ -256,12 +314,17 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def round_line(record: Mapping[str, Any]) -> str:
-    """The one line per round a person watches: per-site loss / pseudo-Dice / epoch seconds, the delivered model's
-    pseudo-Dice (per site, and pooled), wall and overhead."""
+    """The one line per round a person watches: per-site FedAvg weight (when the record has them), loss /
+    pseudo-Dice / epoch seconds, the delivered model's pseudo-Dice (per site, and pooled), wall and overhead."""
     parts = [f"round {record['round']}/{record['rounds']}"]
+    weights = record.get("weights") or {}
+    total = sum(weights.values()) or 1.0
+    norms = record.get("update_norms") or {}
     for site, m in record["sites"].items():
         delivered = m.get("delivered")
-        parts.append(f"{site}: loss {_fmt(m.get('train_loss'))}/{_fmt(m.get('val_loss'))} "
+        weight = "" if site not in weights else f" weight {weights[site]:g} ({100 * weights[site] / total:.0f} %)"
+        norm = "" if site not in norms else f" |update| {norms[site]:.3g}"
+        parts.append(f"{site}:{weight}{norm} loss {_fmt(m.get('train_loss'))}/{_fmt(m.get('val_loss'))} "
                      f"dice {_fmt(m.get('mean_fg_dice'))}"
                      + ("" if delivered is None else f" (delivered {_fmt(delivered.get('mean_fg_dice'))})")
                      + f" {m.get('epoch_seconds', 0):.1f}s")
@@ -317,20 +380,124 @@ def draw_progress(history: list[dict[str, Any]], path: Path, final: Mapping[str,
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
 
 
+# --- what the sites reply at train_init -------------------------------------------------------------------------
+#: Plans fields that name the site's own dataset: the only ones in which FFE sites' plans may differ.
+_PLANS_OWN_FIELDS = ("dataset_name",)
+#: dataset.json fields the predictor reads the network's inputs and outputs from: equal at every FFE site.
+_DATASET_SHARED_FIELDS = ("channel_names", "labels", "regions_class_order")
+
+
+def _site_field(site: str, field_: str, check) -> Any:
+    """``check()``, with a ValueError turned into a :class:`SiteReplyError` naming the site and the field."""
+    try:
+        return check()
+    except SiteReplyError:
+        raise
+    except ValueError as err:
+        raise SiteReplyError(site, field_, str(err)) from None
+
+
+def _check_site_names(site: str, info: Mapping[str, Any], options: TrainOptions) -> None:
+    """The reply's names that reach file names must be identifiers and exactly the coordinator's own."""
+    for field_, expected in (("trainer_name", options.trainer), ("configuration", options.configuration)):
+        value = _site_field(site, field_, lambda: check_identifier(info.get(field_), field_))
+        if value != expected:
+            raise SiteReplyError(site, field_, f"{value!r}, but this run trains {expected!r}")
+
+
+def check_site_infos(infos: Mapping[str, Mapping[str, Any]], options: TrainOptions, asym: bool,
+                     spec: ModelSpec | None = None) -> dict[str, Any] | None:
+    """Check the sites' ``train_init`` replies against what the coordinator expects; raise :class:`SiteReplyError`
+    (naming the site and the field) otherwise.
+
+    Every site: ``trainer_name`` and ``configuration`` are identifiers equal to the run's own (``-tr``, the job's
+    configuration). FFE also: every site's plans are identical apart from the dataset name, name this run's plans
+    (``-p``) and hold its configuration; the merged fingerprints are identical (``site_weights``); the dataset.json
+    fields the predictor uses (channels, labels, regions) and the checkpoint's key map and mirroring axes are
+    identical, and the key map names only parameters of the network (``spec``). Returns, for FFE, what
+    :func:`write_global_model` writes beside the global model (taken from the sites only after these checks);
+    None for AsymFedAvg (no global model).
+    """
+    for site, info in sorted(infos.items()):
+        if not isinstance(info, Mapping):
+            raise SiteReplyError(site, "train_init", f"expected a mapping, got {type(info).__name__}")
+        _check_site_names(site, info, options)
+    if asym:
+        return None
+    sites = sorted(infos)
+    first = sites[0]
+
+    def same(field_: str, value_of) -> Any:
+        reference = value_of(infos[first])
+        for s in sites[1:]:
+            if value_of(infos[s]) != reference:
+                raise SiteReplyError(s, field_, f"differs from site {first}'s; FedAvg needs sites planned together "
+                                     "(plan_and_preprocess with all of them)")
+        return reference
+
+    for s in sites:
+        plans = infos[s].get("plans")
+        if not isinstance(plans, Mapping):
+            raise SiteReplyError(s, "plans", "missing (plan_and_preprocess first)")
+        if plans.get("plans_name") != options.plans:
+            raise SiteReplyError(s, "plans", f"plans_name {plans.get('plans_name')!r}, but this run uses "
+                                 f"{options.plans!r}")
+        if not isinstance(plans.get("configurations"), Mapping) or options.configuration not in plans["configurations"]:
+            raise SiteReplyError(s, "plans", f"no configuration {options.configuration!r}")
+        if not isinstance(infos[s].get("dataset_json"), Mapping):
+            raise SiteReplyError(s, "dataset_json", "missing")
+        if not isinstance(infos[s].get("dataset_fingerprint"), Mapping):
+            raise SiteReplyError(s, "dataset_fingerprint", "missing (plan_and_preprocess first)")
+    same("plans", lambda i: {k: v for k, v in i["plans"].items() if k not in _PLANS_OWN_FIELDS})
+    same("dataset_fingerprint", lambda i: fingerprint_digest(i["dataset_fingerprint"]))
+    same("dataset_json", lambda i: {k: i["dataset_json"].get(k) for k in _DATASET_SHARED_FIELDS})
+    state_keys = same("state_keys", lambda i: i.get("state_keys"))
+    if (not isinstance(state_keys, Mapping) or not state_keys
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in state_keys.items())
+            or (spec is not None and not set(state_keys.values()) <= set(spec.params))):
+        raise SiteReplyError(", ".join(sites), "state_keys", "not a map of checkpoint keys to the network's "
+                             "parameters")
+    axes = same("inference_allowed_mirroring_axes", lambda i: i.get("inference_allowed_mirroring_axes"))
+    if axes is not None and (not isinstance(axes, list) or len(axes) > 3 or len(set(axes)) != len(axes) or not all(
+            isinstance(a, int) and not isinstance(a, bool) and 0 <= a < 3 for a in axes)):
+        raise SiteReplyError(", ".join(sites), "inference_allowed_mirroring_axes", f"not a list of axes: {axes!r}")
+    return {"trainer_name": options.trainer, "configuration": options.configuration,
+            "plans": infos[first]["plans"], "dataset_json": infos[first]["dataset_json"],
+            "dataset_fingerprint": infos[first]["dataset_fingerprint"], "state_keys": dict(state_keys),
+            "inference_allowed_mirroring_axes": axes}
+
+
 # --- global model in nnU-Net's layout --------------------------------------------------------------------------
 def write_global_model(root: Path, info: Mapping[str, Any], options: TrainOptions, fold: str,
                        weights: Arrays, epochs: int, filename: str = "checkpoint_final.pth") -> Path:
     """Write the global FFE model as ``<root>/global/<trainer>__<plans>__<config>/fold_X/<filename>`` (the final
     model, or ``checkpoint_best.pth``: the best delivered one).
 
-    The checkpoint has what nnU-Net's predictor reads (trainer name, configuration, mirroring axes and the full
-    ``state_dict`` including nnU-Net's alias keys, rebuilt from the site's alias map so each tensor is stored
-    once), with plans.json, dataset.json and dataset_fingerprint.json (from one site) beside the fold folder.
+    The folder's names are the coordinator's own (``options``: -tr, -p, the configuration), never a site's: the
+    ``trainer_name`` and ``configuration`` in ``info`` (from the sites, see :func:`check_site_infos`) must equal
+    them, else nothing is written (``ValueError``). The checkpoint has what nnU-Net's predictor reads (trainer
+    name, configuration, mirroring axes and the full ``state_dict`` including nnU-Net's alias keys, rebuilt from the
+    site's alias map so each tensor is stored once), with plans.json, dataset.json and dataset_fingerprint.json
+    beside the fold folder.
     """
     import torch
 
-    model_dir = root / "global" / f"{info['trainer_name']}__{options.plans}__{info['configuration']}"
+    _check_site_names("reply", info, options)
+    fold = str(fold)
+    if fold != "all" and not fold.isdigit():
+        raise ValueError(f"fold must be an integer or 'all', got {fold!r}")
+    trainer, plans, configuration = (check_identifier(options.trainer, "trainer"),
+                                     check_identifier(options.plans, "plans"),
+                                     check_identifier(options.configuration, "configuration"))
+    base = (root / "global").resolve()
+    model_dir = base / f"{trainer}__{plans}__{configuration}"
     fold_dir = model_dir / f"fold_{fold}"
+    if fold_dir.resolve().parent.parent != base or Path(filename).name != filename:
+        raise ValueError(f"refusing to write outside {base}: {fold_dir / filename}")
+    missing = [k for k in info["state_keys"].values() if k not in weights]
+    if missing:
+        raise ValueError(f"the checkpoint's key map names {len(missing)} parameter(s) the model lacks, e.g. "
+                         f"{missing[0]!r}")
     fold_dir.mkdir(parents=True, exist_ok=True)
     for name, key in (("plans.json", "plans"), ("dataset.json", "dataset_json"),
                       ("dataset_fingerprint.json", "dataset_fingerprint")):
@@ -346,9 +513,10 @@ def write_global_model(root: Path, info: Mapping[str, Any], options: TrainOption
         "logging": None,
         "_best_ema": None,
         "current_epoch": epochs,
-        "init_args": {"plans": info.get("plans"), "configuration": info["configuration"],
-                      "fold": info.get("fold", fold), "dataset_json": info.get("dataset_json"), "device": "cpu"},
-        "trainer_name": info["trainer_name"],
+        "init_args": {"plans": info.get("plans"), "configuration": configuration,
+                      "fold": fold if fold == "all" else int(fold), "dataset_json": info.get("dataset_json"),
+                      "device": "cpu"},
+        "trainer_name": trainer,
         "inference_allowed_mirroring_axes": None if axes is None else tuple(axes),
     }
     _atomic_write(fold_dir / filename, lambda f: torch.save(checkpoint, f))
@@ -446,6 +614,14 @@ def _metrics_ok(metrics: Any) -> None:
                      {"train_loss": float, "epoch_seconds": float, "num_training_cases": int})
 
 
+def _count_ok(count: Any, fixed: int) -> None:
+    """A reply's training-case count must be the one fixed at train_init (an integer: ``validate_metrics``)."""
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or int(count) != fixed:
+        text = repr(count)
+        raise UpdateRejected(f"num_training_cases {text if len(text) <= 40 else text[:37] + '...'} is not the "
+                             f"{fixed} fixed at train_init")
+
+
 #: A site left out for one of these has (probably) lost its trainer: its worker restarted, or its node went away and
 #: came back. It is asked to rebuild it from its own checkpoint before the next round (a site that kept its
 #: trainer simply rebuilds it from the same checkpoint).
@@ -462,6 +638,8 @@ class _FoldRun:
         self.out.mkdir(parents=True, exist_ok=True)
         self.best = BestDelivered()  # the best delivered model (federation/delivered.py)
         self.server_momentum: ServerMomentum | None = None  # FedAvgM (FFE with --server-momentum)
+        self.fixed: FixedWeights | None = None  # the sites' counts and weights, fixed at train_init
+        self.global_info: dict[str, Any] | None = None  # FFE: what is written beside the global model (checked)
 
     def _init_sites(self, sites: list[str], continue_training: bool) -> tuple[dict, dict, dict]:
         cfg = self.opts.site_config(self.fold, continue_training)
@@ -485,13 +663,6 @@ class _FoldRun:
         infos, init_weights, errors = self._init_sites(sites, continue_training=state is not None)
         if errors:
             raise RuntimeError("train_init failed at " + "; ".join(f"{s}: {e}" for s, e in errors.items()))
-        events.emit("train_init", f"fold {self.fold}: {len(sites)} site trainer(s) built in "
-                    f"{time.perf_counter() - started:.1f} s (" + ", ".join(
-                        f"{s}: {infos[s]['num_training_cases']} cases, epoch {infos[s]['current_epoch']}"
-                        for s in sites) + ")" + ("" if opts.seed is None else f", seed {opts.seed}"))
-        for s in sites:
-            for reason in infos[s].get("not_reproducible") or []:
-                events.info(f"site {s}: seeded, but not bit-for-bit repeatable: {reason}")
         specs = {s: ModelSpec.of(init_weights[s]) for s in sites}
         first = sites[0]
         if not asym:
@@ -500,10 +671,29 @@ class _FoldRun:
                 if diff:
                     raise ValueError(f"sites {first} and {s} have different networks ({diff}); FedAvg needs "
                                      "identical plans: plan with FFE, or train with --asym")
+        # Site replies are data: names, plans and counts are checked against the coordinator's own before use, and
+        # the weights are fixed here, bounded by the federation's plan (aggregation/site_weights.py).
+        self.global_info = check_site_infos(infos, opts, asym, specs[first])
+        fixed = fix_site_weights(infos, asym, opts.weighting)
+        if state is not None:
+            fixed = check_resumed(fixed, state.get("site_weights"))
+        self.fixed = fixed
+        events.emit("train_init", f"fold {self.fold}: {len(sites)} site trainer(s) built in "
+                    f"{time.perf_counter() - started:.1f} s (" + ", ".join(
+                        f"{s}: {fixed.cases[s]} cases, epoch {infos[s].get('current_epoch')}"
+                        for s in sites) + ")" + ("" if opts.seed is None else f", seed {opts.seed}"),
+                    weights=fixed.to_json())
+        events.info(fixed.line())
+        if asym:
+            events.info("--asym: the sites were planned alone, so no shared record bounds their declared case "
+                        "counts (each is only checked against its own fingerprint); --weighting uniform avoids "
+                        "relying on them")
+        for s in sites:
+            for reason in infos[s].get("not_reproducible") or []:
+                events.info(f"site {s}: seeded, but not bit-for-bit repeatable: {reason}")
         epochs_per_round = opts.epochs_per_round
-        rounds = opts.rounds or max(1, int(infos[first]["num_epochs"]) // epochs_per_round)
-        weight_of = {s: float(infos[s]["num_training_cases"]) if opts.weighting == "cases" else 1.0
-                     for s in sites}
+        rounds = opts.total_rounds()  # the coordinator's option or its default rule: never a site's num_epochs
+        weight_of = dict(fixed.weights)
         min_sites = min(opts.min_sites or len(sites), len(sites))
 
         velocity: Arrays = {}
@@ -588,6 +778,7 @@ class _FoldRun:
         opts, events, asym = self.opts, self.events, self.job.asym
         epochs_per_round = opts.epochs_per_round
         needs_init: set[str] = set()
+        cases = self.fixed.cases if self.fixed is not None else {}
         # one averager for the whole run: its float64 sums stay allocated from round to round
         averager = StreamingAsymAverager(specs, opts.asym_scope) if asym else StreamingAverager()
         last_drawn = float("-inf")
@@ -606,19 +797,23 @@ class _FoldRun:
             # seeded: add in site order, so the float64 sums do not depend on the order replies arrive in
             adds = SiteOrderedAdds(targets if opts.seed is not None else None)
             metrics: dict[str, dict[str, Any]] = {}
+            norms: dict[str, float] = {}
 
             def take(site: str, result: dict[str, Any], update: Arrays) -> str | None:
                 """Check one update as it arrives and add it to the running average (then it can be dropped)."""
                 try:
                     validate_update(update, wire_spec(specs[site], opts.transfer_dtype))
                     _metrics_ok(result.get("metrics"))
+                    _count_ok(result["metrics"]["num_training_cases"], cases[site])
                     if "delivered" in result["metrics"]:
                         check_delivered(result["metrics"]["delivered"])
                 except UpdateRejected as err:
                     return f"update rejected: {err}"
                 # a reply with "delta" holds changes from what this server sent (see aggregation/wire.py)
-                sent = models[site if asym else "global"] if result.get("delta") is True else None
-                weights = from_wire(update, specs[site], base=sent)
+                model_sent = models[site if asym else "global"]
+                weights = from_wire(update, specs[site], base=model_sent if result.get("delta") is True else None)
+                if opts.clip_update_norm is not None:  # bounded influence (aggregation/robust.py)
+                    weights, norms[site] = clip_update(weights, model_sent, opts.clip_update_norm)
                 if asym:
                     adds.add(site, lambda: averager.add(site, weights, weight_of[site]))
                 else:
@@ -656,6 +851,8 @@ class _FoldRun:
                       "wall_seconds": wall,
                       "overhead_seconds": wall - slowest, "sites": metrics, "left_out": errors,
                       "weights": {s: weight_of[s] for s in metrics}, "bytes": round_bytes,
+                      **({} if opts.clip_update_norm is None else
+                         {"clip_update_norm": opts.clip_update_norm, "update_norms": dict(sorted(norms.items()))}),
                       "model_bytes": {k: int(sum(a.nbytes for a in m.values())) for k, m in models.items()},
                       "timing": timing, **asym_info}
             if delivered:
@@ -665,17 +862,25 @@ class _FoldRun:
             draw = r == rounds or time.monotonic() - last_drawn >= PLOT_EVERY_S
             last_drawn = time.monotonic() if draw else last_drawn
             saver.submit(_save_round, self.out, r, self._saved_models(models), asym, list(history),
-                         {"rounds": rounds, "fold": self.fold, "options": opts.asdict()}, self.best.info(),
+                         {"rounds": rounds, "fold": self.fold, "options": opts.asdict(),
+                          "site_weights": None if self.fixed is None else self.fixed.to_json()}, self.best.info(),
                          self.best.models if new_best else None, draw)
-            events.emit("round", round_line(record), round=r)
+            events.emit("round", round_line(record), round=r, weights=record["weights"])
 
     def _reinit(self, needs_init: set[str]) -> None:
         """Rebuild the trainer of sites whose worker lost it (restarted), continuing from their own checkpoint."""
         if not needs_init:
             return
         infos, _, errors = self._init_sites(sorted(needs_init), continue_training=True)
-        for s in infos:
-            self.events.info(f"site {s} rebuilt its trainer (epoch {infos[s]['current_epoch']}) and rejoins")
+        for s in sorted(infos):
+            try:  # the rebuilt trainer must be the one the run fixed at train_init
+                _check_site_names(s, infos[s], self.opts)
+                if self.fixed is not None:
+                    _count_ok(infos[s].get("num_training_cases"), self.fixed.cases[s])
+            except (ValueError, KeyError) as err:
+                errors[s] = f"rebuilt, but its reply does not fit the run: {err}"
+                continue
+            self.events.info(f"site {s} rebuilt its trainer (epoch {infos[s].get('current_epoch')}) and rejoins")
             needs_init.discard(s)
         for s, e in errors.items():
             self.events.info(f"site {s} could not rebuild its trainer: {e}")
@@ -720,7 +925,7 @@ class _FoldRun:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fednnunet-global") as pool:
             # written while the sites finish (the server's first torch import and a torch.save: about 1 s)
-            writing = (pool.submit(self._write_global_models, sites, models, infos, epochs)
+            writing = (pool.submit(self._write_global_models, models, epochs)
                        if not self.job.asym and not opts.disable_checkpointing else None)
             replies, errors = self.caller.try_call("train_finish", {s: cfg for s in sites}, payload,
                                                    timeout_s=opts.finish_timeout_s)
@@ -749,10 +954,11 @@ class _FoldRun:
             raise RuntimeError("train_finish failed at " + "; ".join(f"{s}: {e}" for s, e in errors.items()))
         return result
 
-    def _write_global_models(self, sites: list[str], models: Mapping[str, Arrays], infos: Mapping[str, Any],
-                             epochs: int) -> Path:
-        """The FFE global model in nnU-Net's layout: the final one, and the best delivered one if any."""
-        info = infos[sites[0]]
+    def _write_global_models(self, models: Mapping[str, Arrays], epochs: int) -> Path:
+        """The FFE global model in nnU-Net's layout: the final one, and the best delivered one if any (names and
+        JSON files checked at train_init: ``check_site_infos``)."""
+        info = self.global_info
+        assert info is not None
         # the network's weights only (with --momentum average the model also carries the momentum buffers)
         fold_dir = write_global_model(self.root, info, self.opts, self.fold, split_momentum(models["global"])[0],
                                       epochs)
@@ -787,6 +993,8 @@ def _cross_validation(folds: Mapping[str, Any], root: Path, events: EventLog) ->
 def run_training_task(job: JobSpec, caller: Any, events: EventLog) -> dict[str, Any]:
     """Run ``job`` (task ``train``) fold after fold; return per-fold, per-site output folders and timings."""
     options = TrainOptions.from_dict(job.train)
+    if not options.validation_only:  # the rounds are the coordinator's (never a site's num_epochs); sent to the sites
+        options = replace(options, rounds=options.total_rounds())
     root = Path(job.out_dir)
     described = caller.broadcast("describe", {"check_cases": False, "task": "train"})
     sites = sorted(described)

@@ -33,7 +33,7 @@ def execute(grid: Grid, job: JobSpec) -> None:
     root.setLevel(logging.INFO)
     try:
         events = EventLog(out / EVENTS_FILE)
-        caller = FlowerSiteCaller(grid)
+        caller = FlowerSiteCaller(grid, registered={int(node): site for node, site in job.site_nodes.items()})
         events.info(f"waiting for {job.num_sites} site(s)")
         try:
             caller.wait_for_nodes(job.num_sites, job.connect_timeout_s)

@@ -4,8 +4,11 @@ Why not ``grid.send_and_receive``: it sleeps 3 s between pulls, which adds up to
 are pulled every ``poll_s`` (0.1 s by default; every :data:`IDLE_POLL_S` while no reply can be expected yet, see
 ``try_call``'s ``expected_s``, and further apart the longer a reply of unknown duration takes: each pull is a
 request that the SuperLink and this process serve on the cores the sites train on). Replies are matched by
-``reply_to_message_id`` (the source id of SuperLink-generated error replies is not the node's). A node answers
-with its site name in every reply, which is how node ids map to site names.
+``reply_to_message_id`` (the source id of SuperLink-generated error replies is not the node's).
+
+Who a reply is from: with registered site keys (``fednnunet server --tls-dir``) a node IS the site its key is
+named for (``registered``); every message tells the site that name, and a reply that claims another is refused.
+Only without keys (one machine, or ``--insecure``) does a node's first reply name its site.
 """
 
 from __future__ import annotations
@@ -63,10 +66,12 @@ class FlowerSiteCaller:
     """Send operations to the sites connected to a Flower SuperLink and gather their replies."""
 
     def __init__(self, grid: Any, *, timeout_s: float = 3600.0, poll_s: float = 0.1,
-                 message_type: str = "query", holds: bool = True) -> None:
+                 message_type: str = "query", holds: bool = True, registered: Mapping[int, str] | None = None
+                 ) -> None:
         """``holds``: queue a hold behind every message (see :mod:`fednnunet.flower.hold`); only for sites that
-        answer holds, i.e. fednnunet site workers."""
+        answer holds, i.e. fednnunet site workers. ``registered``: node id -> site name of the registered keys."""
         self.grid = grid
+        self.registered = dict(registered or {})
         self.holds = Holds() if holds else None
         self.timeout_s = timeout_s
         self.poll_s = poll_s
@@ -84,7 +89,7 @@ class FlowerSiteCaller:
         """Block until ``expected`` SuperNodes are connected."""
         deadline = time.monotonic() + timeout_s
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = sorted(n for n in self.grid.get_node_ids() if not self.registered or n in self.registered)
             if len(nodes) >= expected:
                 return nodes
             if time.monotonic() > deadline:
@@ -132,7 +137,10 @@ class FlowerSiteCaller:
         for node, (config, arrays) in payloads.items():
             if arrays and id(arrays) not in packed:
                 packed[id(arrays)] = PackedArrays.of(arrays)
-            record = to_record({"op": op, "config": config}, packed.get(id(arrays)))
+            body = {"op": op, "config": config}
+            if node in self.registered:
+                body["site"] = self.registered[node]  # the name of this node's key: the site checks it is its own
+            record = to_record(body, packed.get(id(arrays)))
             sent_bytes[node] = record_nbytes(record)
             messages.append(Message(record, dst_node_id=node, message_type=self.message_type))
         if self.holds is not None:
@@ -161,7 +169,7 @@ class FlowerSiteCaller:
                     continue
                 if self.holds is not None:
                     self.holds.replied(node, time.time())
-                name = site_of.get(node, f"node {node}")
+                name = self.registered.get(node) or site_of.get(node, f"node {node}")
                 if msg.has_error():
                     lost = "node unavailable, " if msg.error.code == ErrorCode.NODE_UNAVAILABLE else ""
                     errors[name] = f"{lost}Flower error {msg.error.code}: {msg.error.reason}"
@@ -172,6 +180,10 @@ class FlowerSiteCaller:
                     errors[name] = f"malformed reply: {err}"
                     continue
                 site = str(body.get("result", {}).get("site") or name)
+                if node in self.registered and site != name:
+                    logger.warning("node %d (key of site %s) replied as site %r: refused", node, name, site)
+                    errors[name] = f"replied as site {site!r}, but its key is registered as {name!r}: refused"
+                    continue
                 if node not in site_of and body.get("ok"):
                     self.node_of[site] = node
                     site_of[node] = site

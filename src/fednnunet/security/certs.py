@@ -5,7 +5,13 @@ What Flower needs, and what is made here:
   certificate whose subject alternative names are the hosts sites connect to (SuperLink's ``--ssl-*`` files);
 - SuperNode authentication: one EC key pair per site in OpenSSH format (NIST P-384, which Flower accepts); the
   public key is registered at the SuperLink (``flwr supernode register``), the private key stays at the site.
-Everything is written to a temporary folder and renamed into place, private keys with mode 0600.
+
+A site IS its key: the coordinator names each site by the file its public key has in ``<tls-dir>/sites/``
+(``NAME.pub``), and every reply is attributed to the name of the key that sent it, whatever the site calls
+itself. Best practice is that each hospital makes its own pair (:func:`make_site_key`, ``fednnunet keygen``) and
+hands over only ``NAME.pub``; ``make_certificates(..., sites=N)`` also makes pairs, for trials where the
+coordinator may hold every key. Names are plain identifiers (:func:`check_site_name`): they become file and log
+names at both ends. Everything is written to a temporary folder and renamed into place, private keys 0600.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -36,8 +43,51 @@ class CertificateSet:
     site_keys: dict[str, tuple[Path, Path]]  # site name -> (private key, public key)
 
 
+#: A site name: a plain identifier, so that it is safe in file names, log lines and JSON keys at both ends.
+SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
 def site_name(index: int) -> str:
     return f"site{index + 1}"
+
+
+def check_site_name(name: str) -> str:
+    """``name`` if it is a plain identifier (letters, digits, ``_ . -``; not starting with a dot or dash)."""
+    if not SITE_NAME_RE.match(name) or ".." in name:
+        raise ValueError(f"site name {name!r} is not a plain identifier (letters, digits, '_', '.', '-'; "
+                         "starting with a letter or digit; at most 64 characters)")
+    return name
+
+
+def _write_site_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """A new P-384 key pair as ``folder/NAME.key`` (OpenSSH private, 0600) and ``folder/NAME.pub`` (its public
+    key, with the name as the key's comment so that a registered file shows whose it is)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    _write(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                      serialization.NoEncryption()), private=True)
+    _write(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+           + f" {name}\n".encode())
+    return private, public
+
+
+def make_site_key(out: Path, name: str) -> tuple[Path, Path]:
+    """A hospital's own key pair ``out/NAME.key`` and ``out/NAME.pub`` (``fednnunet keygen``): only the public key
+    leaves the hospital (the coordinator puts it into ``<tls-dir>/sites/``). Refuses to overwrite a key."""
+    check_site_name(name)
+    out = Path(out)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    existing = [p for p in (out / f"{name}.key", out / f"{name}.pub") if p.exists()]
+    if existing:
+        raise FileExistsError(f"{existing[0]} exists; refusing to overwrite a site key")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+    try:
+        _write_site_pair(tmp, name)
+        for suffix in (".pub", ".key"):
+            os.replace(tmp / f"{name}{suffix}", out / f"{name}{suffix}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / f"{name}.key", out / f"{name}.pub"
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -105,14 +155,20 @@ def make_loopback_tls(out: Path, valid_days: int = 30) -> Path:
     return out
 
 
-def make_certificates(out: Path, hosts: Sequence[str], sites: int, valid_days: int = 365) -> CertificateSet:
-    """Create a CA, a server certificate for ``hosts`` and ``sites`` site key pairs in ``out`` (must not exist
-    or be empty)."""
+def make_certificates(out: Path, hosts: Sequence[str], sites: int | Sequence[str] = 0,
+                      valid_days: int = 365) -> CertificateSet:
+    """Create a CA, a server certificate for ``hosts`` and site key pairs in ``out`` (must not exist or be empty).
+
+    ``sites``: a count (``site1`` ... ``siteN``), names, or 0 for none: the hospitals make their own pairs
+    (:func:`make_site_key`) and the coordinator copies each ``NAME.pub`` into ``out/sites/``."""
     out = Path(out)
     if not hosts:
         raise ValueError("at least one host name or address is needed for the server certificate")
-    if sites < 1:
-        raise ValueError("at least one site key is needed")
+    names = [site_name(i) for i in range(sites)] if isinstance(sites, int) else [check_site_name(n) for n in sites]
+    if isinstance(sites, int) and sites < 0:
+        raise ValueError("the number of site keys cannot be negative")
+    if len(set(names)) != len(names):
+        raise ValueError(f"site names repeat: {', '.join(names)}")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; refusing to overwrite certificates")
     pems = _ca_and_server(hosts, valid_days)
@@ -123,20 +179,13 @@ def make_certificates(out: Path, hosts: Sequence[str], sites: int, valid_days: i
         for name, data in pems.items():
             _write(tmp / name, data, private=name.endswith(".key"))
         (tmp / "sites").mkdir()
-        for i in range(sites):
-            key = ec.generate_private_key(ec.SECP384R1())
-            name = site_name(i)
-            _write(tmp / "sites" / f"{name}.key", key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
-                private=True)
-            _write(tmp / "sites" / f"{name}.pub", key.public_key().public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+        for name in names:
+            _write_site_pair(tmp / "sites", name)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    keys = {site_name(i): (out / "sites" / f"{site_name(i)}.key", out / "sites" / f"{site_name(i)}.pub")
-            for i in range(sites)}
+    keys = {name: (out / "sites" / f"{name}.key", out / "sites" / f"{name}.pub") for name in names}
     return CertificateSet(out, out / "ca.crt", out / "server.crt", out / "server.key", keys)

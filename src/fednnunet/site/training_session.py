@@ -5,9 +5,10 @@ loaders) must outlive the per-message ClientApp processes, and the worker should
 session turns the server's three training messages into SiteTrainer calls:
 
 * ``init``: build the trainer once (``--c``/resume -> continue from this site's own checkpoint), reply with the
-  initial de-duplicated weights, the training-case count (the FedAvg weight), and what the server needs to
-  write the global model in nnU-Net's layout (plans/dataset/fingerprint JSONs, checkpoint metadata, the alias
-  keys of the full ``state_dict``);
+  initial de-duplicated weights, the training-case count (the FedAvg weight) and the dataset's case count (the
+  coordinator bounds the weight with them and the merged fingerprint: aggregation/site_weights.py), and what the
+  server needs to write the global model in nnU-Net's layout (plans/dataset/fingerprint JSONs, checkpoint
+  metadata, the alias keys of the full ``state_dict``);
 * ``round``: load the received weights into the live network (and the SGD momentum: kept, zeroed or the received
   average, ``--momentum``, aggregation/momentum.py), validate them with nnU-Net's online validation
   when the server asks (the delivered model, see federation/delivered.py), run ``epochs_per_round`` nnU-Net
@@ -75,6 +76,17 @@ def alias_map(network: Any) -> dict[str, str]:
     return out
 
 
+def _dataset_num_cases(nn_trainer: Any) -> int:
+    """The cases in this site's preprocessed folder of the configuration (nnU-Net's identifiers: what its split
+    divides into training and validation cases)."""
+    dataset_class = getattr(nn_trainer, "dataset_class", None)
+    if dataset_class is None:
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        dataset_class = infer_dataset_class(nn_trainer.preprocessed_dataset_folder)
+    return len(dataset_class.get_identifiers(nn_trainer.preprocessed_dataset_folder))
+
+
 def _clean(value: Any) -> float | None:
     """JSON has no NaN: nnU-Net's pseudo Dice is NaN for a class absent from prediction and target."""
     return None if value is None or not math.isfinite(float(value)) else float(value)
@@ -136,7 +148,11 @@ class TrainingSession:
             "inference_allowed_mirroring_axes": None if axes is None else [int(a) for a in axes],
             "plans": _read_json(model_dir / "plans.json"),
             "dataset_json": _read_json(model_dir / "dataset.json"),
-            "dataset_fingerprint": _read_json(model_dir / "dataset_fingerprint.json"),
+            # from the preprocessed folder: the merged fingerprint FFE wrote there (the coordinator bounds the FedAvg
+            # weights with it, aggregation/site_weights.py) and the number of cases this site planned with
+            "dataset_fingerprint": _read_json(Path(nn_trainer.preprocessed_dataset_folder_base)
+                                              / "dataset_fingerprint.json"),
+            "dataset_num_cases": _dataset_num_cases(nn_trainer),
             "state_keys": alias_map(nn_trainer.network),
             "not_reproducible": t.not_reproducible,
         }

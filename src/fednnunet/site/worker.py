@@ -51,6 +51,7 @@ class SiteWorker:
         self.train_expect = train_expect  # (configuration, folds) this site was started for, if any
         self.exit_after_job = exit_after_job
         self.exit_requested = False
+        self.refusal: str | None = None  # why this worker stopped serving the federation (it exits non-zero)
         self.dataset = dataset
         self.dataset_name: str | None = None
         self.samples = None  # LocalSamples of the running fingerprint extraction
@@ -82,6 +83,14 @@ class SiteWorker:
             self._warming.join()
             self._warming = None
         op = body.get("op")
+        registered_as = body.get("site")
+        if registered_as is not None and registered_as != self.site:
+            # the coordinator names this site by the key it holds; a site started under another name stops
+            self.refusal = (f"the server knows this site's key as {registered_as!r}, but it was started as "
+                            f"{self.site!r} (--site-name, default: the key file's name): refused")
+            self.exit_requested = True
+            logger.error("site %s: %s", self.site, self.refusal)
+            return {"ok": False, "error": f"site {self.site}: {self.refusal}"}, {}
         handler: Handler | None = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             return {"ok": False, "error": f"site {self.site}: unknown operation {op!r}"}, {}
