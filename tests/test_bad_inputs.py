@@ -167,3 +167,20 @@ def test_site_refuses_a_job_it_was_not_started_for():
     assert not body["ok"] and "started for 2d fold(s) 0 1 but the server trains 3d_fullres fold 0" in body["error"]
     body, _ = worker.handle({"op": "describe", "config": {"task": "plan_and_preprocess"}}, {})
     assert not body["ok"] and "started for task 'train' but the server runs 'plan_and_preprocess'" in body["error"]
+
+
+def test_sites_that_cannot_be_federated_end_with_the_error_line_and_no_traceback(tmp_path):
+    """An expected data error (labels that differ between sites) is one error line for the user, not a traceback."""
+    raw = tmp_path / "raw"
+    write_demo_federation(raw, first_id=931, sites=2, dim=2, seed=3)
+    (dataset_json,) = raw.glob("Dataset932_*/dataset.json")
+    content = json.loads(dataset_json.read_text())
+    content["labels"]["extra"] = 3
+    dataset_json.write_text(json.dumps(content))
+    env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "res"))
+    res = subprocess.run([str(Path(sys.executable).parent / "fednnunet"), "run", "extract_fingerprint", "931 932",
+                          "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "error: sites cannot be federated: 'labels' differs between sites" in res.stderr, res.stderr
+    assert "Traceback" not in res.stdout + res.stderr, res.stdout + res.stderr

@@ -224,7 +224,7 @@ def test_hospital_network(tmp_path: Path) -> None:
     rounds = [json.loads(line)["round"] for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4, 5], rounds
     last = json.loads((tmp_path / "train" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert sorted(last["sites"]) == ["901", "902", "903"], last
+    assert sorted(last["sites"]) == ["site1", "site2", "site3"], last  # named by their keys
     assert markers_found(markers) == []
 
 

@@ -49,6 +49,12 @@ class FederationError(RuntimeError):
     """The federation job failed; the message carries the site's or server's error."""
 
 
+#: Failures a job reports in its error line alone: bad or incompatible data and options (ValueError and its
+#: kinds: data that cannot be federated, a site reply out of bounds), sites that never came, and (with
+#: SiteFailure) sites that failed: their messages name them. Anything else is a fault of this program and is logged with its traceback.
+EXPECTED_JOB_ERRORS: tuple[type[Exception], ...] = (ValueError, TimeoutError, FederationError)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -411,6 +417,7 @@ class ServerNode(ProcessGroup):
 
     def _execute_work(self, claimed, work: Callable[[Any], None]) -> None:  # noqa: ANN001 - a ClaimedTask
         from fednnunet.flower.runtime_tasks import SubStatus
+        from fednnunet.flower.site_caller import SiteFailure
 
         status, details = SubStatus.FAILED, "the job failed"
         try:
@@ -421,7 +428,10 @@ class ServerNode(ProcessGroup):
                     work(grid)
                     status, details = SubStatus.COMPLETED, ""
                 except Exception as err:  # noqa: BLE001 - result.json and the events carry it to the launcher
-                    logger.exception("run %d failed", claimed.run_id)
+                    if isinstance(err, (*EXPECTED_JOB_ERRORS, SiteFailure)):  # its message says it all: no traceback before it
+                        logger.info("run %d failed: %s", claimed.run_id, err)
+                    else:
+                        logger.exception("run %d failed", claimed.run_id)
                     details = f"{type(err).__name__}: {err}"
                 finally:
                     self._grids.discard(grid)

@@ -4,8 +4,14 @@ Why the worker owns it: the SuperNode only carries messages; the worker takes ev
 :mod:`fednnunet.site.serve`). A SuperNode that outlived its worker would accept the server's messages that nobody
 answers, and the server would wait for them until its round timeout; a worker without its SuperNode cannot reach
 the server. So the SuperNode is the worker's child: it is stopped when the worker ends, also when the worker is
-killed (the kernel sends it SIGTERM, see :func:`fednnunet.launch.die_with_parent`), and the worker ends, naming
-the reason from the SuperNode's log, when the SuperNode exits.
+killed (the kernel sends it SIGTERM, see :func:`fednnunet.launch.die_with_parent`).
+
+When the SuperNode is lost the worker notices it either way Flower 1.41 ends: the process exits (it could not
+join at its start: refused key, TLS failure, server unreachable for ``--max-wait-time``), or it gives up
+reconnecting after it had joined (a request failed for ``--max-wait-time``): then Flower logs "Giving up
+reconnection", leaves its message loop and never contacts the server again, while the process stays (its Runtime
+API thread keeps it alive). :meth:`SuperNodeProcess.lost` tells both apart from a running node;
+:mod:`fednnunet.site.serve` decides whether to restart it or to end the worker.
 """
 
 from __future__ import annotations
@@ -20,6 +26,12 @@ from fednnunet.launch import (die_with_parent, free_port, private_folder, remove
                               terminate_all, write_secret)
 
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
+#: Flower's lines: the node joined (activated at the server); a request gave up after --max-wait-time; a message
+#: that could not be received (after which Flower goes on: the only give-up that is not the end of the node)
+JOINED = "SuperNode ID:"
+GAVE_UP = "Giving up reconnection"
+RECEIVE_FAILED = "Failed to receive message"
+RESTART_MARK = "--- started again by the site worker ---"
 #: (text in the SuperNode's log, what it means for a person)
 _REASONS = (
     (ACTIVATION_REFUSED, "the server refused this site: its key is not registered there (or no --auth-key was "
@@ -50,6 +62,8 @@ class SuperNodeProcess:
         self.private = private_folder("fednnunet-site-")  # the secret's folder
         self.secret_file = write_secret(self.private)
         self.popen: subprocess.Popen | None = None
+        self.joined_once = False  # any start of it activated at the server
+        self._log_start = 0  # where the current start's lines begin in the log
 
     @property
     def runtime_address(self) -> str:
@@ -65,6 +79,7 @@ class SuperNodeProcess:
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_start = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as f:
             self.popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=env, start_new_session=True,
@@ -77,21 +92,64 @@ class SuperNodeProcess:
     def activation_refused(self) -> bool:
         """The server did not let the node in: an unregistered key, or the site's previous SuperNode (a client killed
         moments ago) still counts as online there; Flower lets the key in again after two missed heartbeats."""
-        return ACTIVATION_REFUSED in tail(self.log, 40)
+        return ACTIVATION_REFUSED in self._since_start(first=False, size=16384)
 
     def restart(self) -> "SuperNodeProcess":
-        """Start it again (same Runtime API port and secret) after it ended."""
+        """Start it again (same Runtime API port and secret) after it ended (or after :meth:`halt`)."""
         with self.log.open("a") as f:
-            f.write("\n--- started again by the site worker ---\n")
+            f.write(f"\n{RESTART_MARK}\n")
         return self.start()
+
+    def _since_start(self, first: bool, size: int = 65536) -> str:
+        """The first (or last) ``size`` bytes that the current start wrote to the log."""
+        try:
+            with self.log.open("rb") as f:
+                end = f.seek(0, os.SEEK_END)
+                f.seek(self._log_start if first else max(self._log_start, end - size))
+                return f.read(size).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def joined(self) -> bool:
+        """The current start activated at the server (Flower logged its node id)."""
+        if JOINED in self._since_start(first=True):
+            self.joined_once = True
+            return True
+        return False
+
+    def gave_up(self) -> bool:
+        """The process runs but Flower gave up reaching the server: its last "Giving up reconnection" is not one
+        of a single message it could not receive (after which it goes on). Flower writes that line right after the
+        give-up: call it twice a second or more apart before acting on it."""
+        if self.exit_code() is not None:
+            return False
+        text = self._since_start(first=False, size=16384)
+        at = text.rfind(GAVE_UP)
+        return at >= 0 and RECEIVE_FAILED not in text[at:]
+
+    def lost(self) -> str | None:
+        """What ended this node for a person (it exited, or gave up reaching the server), or None while it runs."""
+        if (code := self.exit_code()) is not None:
+            return f"its SuperNode exited (code {code})"
+        if self.gave_up():
+            return (f"its SuperNode gave up reaching the server {self.spec.superlink} after "
+                    f"{self.spec.max_wait_s or 0:.0f} s (--connect-timeout)")
+        return None
+
+    def halt(self) -> None:
+        """Stop the process, keeping its port and secret for :meth:`restart`."""
+        if self.popen is not None:
+            terminate_all([self.popen])
+
+    def cause(self) -> str | None:
+        """Why the current start ended, for a person (refused key, TLS failure, unreachable server), if known."""
+        text = self._since_start(first=False, size=16384)
+        return next((reason for needle, reason in _REASONS if needle in text), None)
 
     def reason(self) -> str:
         """Why it exited, for a person (refused key, TLS failure, unreachable server), with its last lines."""
-        text = tail(self.log, 40)
-        for needle, reason in _REASONS:
-            if needle in text:
-                return f"{reason}; last SuperNode log lines:\n{tail(self.log, 8)}"
-        return f"last SuperNode log lines:\n{tail(self.log, 8)}"
+        cause = self.cause()
+        return f"{cause + '; ' if cause else ''}last SuperNode log lines:\n{tail(self.log, 8)}"
 
     def stop(self) -> None:
         if self.popen is not None:
