@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def _ip(*args: str) -> None:
@@ -80,3 +82,24 @@ class Hosts:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+class HostProcess:
+    """A ``fednnunet`` command in a host, its output in a log file, in a session of its own."""
+
+    def __init__(self, hosts: Hosts, host: str, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("w") as f:
+            self.popen = subprocess.Popen(hosts.command(host, [str(Path(sys.executable).parent / "fednnunet"), *args]),
+                                          env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, 9)  # the whole session: SuperLink/gateway or SuperNode with it
+            self.popen.wait()

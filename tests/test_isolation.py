@@ -24,7 +24,7 @@ import pytest
 
 from conftest import nnunet_env
 from hostile import flwr_home, markers_found, write_hostile_app
-from netns import Hosts, unavailable_reason
+from netns import HostProcess, Hosts, unavailable_reason
 
 BIN = Path(sys.executable).parent
 
@@ -111,25 +111,6 @@ def test_sites_refuse_every_app_but_their_installed_one_even_from_a_compromised_
 NETNS_UNAVAILABLE = unavailable_reason()
 
 
-class _Proc:
-    """A command in a host, its output in a log file."""
-
-    def __init__(self, hosts: Hosts, host: str, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        with log.open("w") as f:
-            self.popen = subprocess.Popen(hosts.command(host, [str(BIN / "fednnunet"), *args]), env=env, stdout=f,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        return self.popen.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, 9)  # the whole session: SuperLink/gateway or SuperNode with it
-            self.popen.wait()
 
 
 @pytest.mark.skipif(NETNS_UNAVAILABLE is not None, reason=f"no network namespaces: {NETNS_UNAVAILABLE}")
@@ -157,13 +138,13 @@ def test_hospital_network(tmp_path: Path) -> None:
     for folder, host in ((tls, hosts.address("srv")), (other, hosts.address("srv"))):
         subprocess.run([str(BIN / "fednnunet"), "certs", "--out", str(folder), "--hosts", host, "--sites", "3"],
                        env=env, check=True, capture_output=True)
-    procs: list[_Proc] = []
+    procs: list[HostProcess] = []
 
-    def start(host: str, args: list[str], name: str) -> _Proc:
-        procs.append(_Proc(hosts, host, args, env, tmp_path / f"{name}.log"))
+    def start(host: str, args: list[str], name: str) -> HostProcess:
+        procs.append(HostProcess(hosts, host, args, env, tmp_path / f"{name}.log"))
         return procs[-1]
 
-    def client(i: int, task: str, extra: list[str], name: str | None = None) -> _Proc:
+    def client(i: int, task: str, extra: list[str], name: str | None = None) -> HostProcess:
         key = ["--tls-root", str(tls / "ca.crt"), "--auth-key", str(tls / "sites" / f"site{i + 1}.key")]
         return start(hospitals[i], ["client", task, str(901 + i), *extra, "--server", server_address,
                                     *(key if name is None else []), "--connect-timeout", "60" if name is None else "10",
@@ -247,7 +228,7 @@ def _attacks_from_a_hospital(hosts: Hosts, tmp_path: Path, tls: Path, server_add
     assert res.stdout.strip() not in ("", "0"), res
 
 
-def _hostile_run_on_the_coordinator(hosts: Hosts, tmp_path: Path, hostile: Path, server: _Proc) -> None:
+def _hostile_run_on_the_coordinator(hosts: Hosts, tmp_path: Path, hostile: Path, server: HostProcess) -> None:
     """A local user of the coordinator reaches the loopback Control API; the run is refused, not executed."""
     home = tmp_path / "plan" / "server" / "flwr_home" / "cli"
     res = _flwr(["run", str(hostile), "server", "--format", "json"], home, prefix=hosts.command("srv", []))

@@ -10,7 +10,6 @@ that site to its last round. With the link kept down past ``--rejoin-for``, the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import nnunet_env
-from netns import Hosts, unavailable_reason
+from netns import HostProcess, Hosts, unavailable_reason
 
 BIN = Path(sys.executable).parent
 NETNS_UNAVAILABLE = unavailable_reason()
@@ -32,28 +31,9 @@ TRAIN = ["--iterations-per-round", "2", "--val-iterations", "1", "--skip-val", "
          "--min-sites", "1"]
 
 
-class _Proc:
-    """A fednnunet command in a host, its output in a log file."""
-
-    def __init__(self, hosts: Hosts, host: str, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        with log.open("w") as f:
-            self.popen = subprocess.Popen(hosts.command(host, [str(BIN / "fednnunet"), *args]), env=env, stdout=f,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float) -> int:
-        return self.popen.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, 9)  # the whole session: SuperLink/gateway or SuperNode with it
-            self.popen.wait()
 
 
-def _wait_for(condition, timeout_s: float, what: str, procs: list[_Proc]) -> None:  # noqa: ANN001
+def _wait_for(condition, timeout_s: float, what: str, procs: list[HostProcess]) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -87,12 +67,12 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "env": env, "tls": root / "tls"}
 
 
-def _start(federation: dict, tmp_path: Path, hosts: Hosts, procs: list[_Proc], rounds: int, round_timeout: int,
-           clients: list[tuple[str, int, list[str]]]) -> tuple[_Proc, dict[str, _Proc]]:
+def _start(federation: dict, tmp_path: Path, hosts: Hosts, procs: list[HostProcess], rounds: int, round_timeout: int,
+           clients: list[tuple[str, int, list[str]]]) -> tuple[HostProcess, dict[str, HostProcess]]:
     """The coordinator (``fednnunet server train``) and one ``fednnunet client train`` per (host, site, flags)."""
     tls, env = federation["tls"], federation["env"]
     address = f"{hosts.address('srv')}:9092"
-    server = _Proc(hosts, "srv", ["server", "train", "--num-clients", str(len(clients)), "--address", address,
+    server = HostProcess(hosts, "srv", ["server", "train", "--num-clients", str(len(clients)), "--address", address,
                                   "--tls-dir", str(tls), "2d", "0", "--rounds", str(rounds), "--round-timeout",
                                   str(round_timeout), *TRAIN, "--out", str(tmp_path / "train")],
                    env, tmp_path / "server.log")
@@ -100,7 +80,7 @@ def _start(federation: dict, tmp_path: Path, hosts: Hosts, procs: list[_Proc], r
     _wait_for(lambda: "exposed:" in server.text(), 120, "the server to start", procs)
     started = {}
     for host, site, extra in clients:
-        started[host] = _Proc(hosts, host, ["client", "train", str(900 + site), "2d", "0", "--da-workers", "0",
+        started[host] = HostProcess(hosts, host, ["client", "train", str(900 + site), "2d", "0", "--da-workers", "0",
                                             "--server", address, "--tls-root", str(tls / "ca.crt"),
                                             "--auth-key", str(tls / "sites" / f"site{site}.key"),
                                             "--connect-timeout", str(GIVE_UP_S), *extra],
@@ -113,7 +93,7 @@ def _start(federation: dict, tmp_path: Path, hosts: Hosts, procs: list[_Proc], r
 def test_a_hospital_cut_off_longer_than_its_give_up_time_rejoins_and_the_run_goes_on(federation: dict,
                                                                                     tmp_path: Path) -> None:
     hosts = Hosts(["srv", "h1", "h2"])
-    procs: list[_Proc] = []
+    procs: list[HostProcess] = []
     with hosts:
         try:
             # the first round is slow on a small machine (data loaders start): a round timeout that covers it
@@ -146,7 +126,7 @@ def test_a_hospital_cut_off_longer_than_its_give_up_time_rejoins_and_the_run_goe
 @needs_netns
 def test_a_hospital_cut_off_past_rejoin_for_exits_with_the_reason(federation: dict, tmp_path: Path) -> None:
     hosts = Hosts(["srv", "h1", "h2"])
-    procs: list[_Proc] = []
+    procs: list[HostProcess] = []
     rejoin_for = 20
     with hosts:
         try:

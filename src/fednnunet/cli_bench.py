@@ -72,6 +72,16 @@ def cmd_checks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from fednnunet.bench.gateway import bench_gateway, format_gateway
+
+    result = bench_gateway(work=Path(args.work) if args.work else None, requests=args.requests,
+                           attackers=args.attackers, bodies=args.bodies, body_mb=args.body_mb,
+                           compare_with=Path(args.compare_with) if args.compare_with else None)
+    _emit(args, "gateway", result, format_gateway(result))
+    return 0
+
+
 def cmd_all(args: argparse.Namespace) -> int:
     """Every benchmark at the sizes reported in BENCHMARKS.md (`make bench`)."""
     started = time.time()
@@ -153,6 +163,19 @@ def add_commands(sub) -> None:
     b.add_argument("--work", help="work folder (default: a new temporary folder)")
     common(b)
     b.set_defaults(func=cmd_checks)
+
+    b = bench.add_parser("gateway", help="the coordinator's gateway under slow-connection and unauthenticated-body "
+                                         "attacks (issue 24), with a real SuperLink behind it")
+    b.add_argument("--requests", type=int, default=10, help="a registered site's signed Fleet requests per condition")
+    b.add_argument("--attackers", type=int, default=100, help="slow-head connections kept open by the attacker")
+    b.add_argument("--bodies", type=int, default=32, help="concurrent unauthenticated bodies")
+    b.add_argument("--body-mb", type=int, default=16, help="size of each unauthenticated body (MiB)")
+    b.add_argument("--compare-with", metavar="FILE",
+                   help="also measure this gateway module file under the slow-head attacks (e.g. an earlier version: "
+                        "git show REV:src/fednnunet/security/gateway.py > FILE)")
+    b.add_argument("--work", help="work folder (default: a new temporary folder)")
+    common(b)
+    b.set_defaults(func=cmd_gateway)
 
     b = bench.add_parser("all", help="every benchmark (make bench)")
     common(b)

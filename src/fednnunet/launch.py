@@ -396,7 +396,9 @@ class ServerNode(ProcessGroup):
                "--upstream", f"{scheme}://127.0.0.1:{self.port}"]
         if self.tls is not None:
             cmd += ["--upstream-ca", str(self.loopback_tls / "ca.crt"),  # type: ignore[operator]
-                    "--certfile", str(self.tls.folder / "server.crt"), "--keyfile", str(self.tls.folder / "server.key")]
+                    "--certfile", str(self.tls.folder / "server.crt"), "--keyfile", str(self.tls.folder / "server.key"),
+                    # registered keys only: a request's signature is checked before any of its body is forwarded
+                    "--site-keys", str(self.tls.sites_folder)]
         self.start_process("gateway", cmd, self.env("gateway"))
         wait_listening(self, "127.0.0.1" if host in ("0.0.0.0", "::") else host, port, "gateway")
 
