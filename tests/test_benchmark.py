@@ -132,6 +132,8 @@ def test_ffe_variants_are_checked_before_anything_runs(raw: Path, tmp_path: Path
     with pytest.raises(BenchmarkError, match="choose from local, centralized, ffe, asym, ffe16, ffe-uniform, ffe-often, "
                                              "ffe-mom-reset, ffe-mom-avg, ffe-server-mom"):
         run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", methods=("ffe-fast",))
+    with pytest.raises(BenchmarkError, match="ffe-clip needs its bound"):
+        run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", methods=("ffe", "ffe-clip"))
     assert not (tmp_path / "b").exists()
 
 

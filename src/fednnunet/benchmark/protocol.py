@@ -27,7 +27,8 @@ Methods:
   rounds of 1/5 the iterations; local SGD momentum has less time to drive a site away from the others), and how
   SGD momentum meets averaging (aggregation/momentum.py): ``ffe-mom-reset`` (``--momentum reset``: the sites zero
   their buffers each round), ``ffe-mom-avg`` (``--momentum average``: the buffers are averaged with the weights, 2 x
-  the bytes) and ``ffe-server-mom`` (``--server-momentum 0.5``: FedAvgM at the server).
+  the bytes) and ``ffe-server-mom`` (``--server-momentum 0.5``: FedAvgM at the server); and what bounded influence
+  costs: ``ffe-clip`` (``--clip-update-norm C``, C given to the benchmark: each site's change per round clipped).
 
 Same splits: before any training, every site's ``splits_final.json`` is written the way nnU-Net's trainer would
 write it (``generate_crossval_split`` over the sorted case ids, seed 12345, 5 folds) into every method's
@@ -82,7 +83,10 @@ FFE_VARIANTS: dict[str, tuple[tuple[str, ...], int]] = {
     "ffe-mom-reset": (("--momentum", "reset"), 1),
     "ffe-mom-avg": (("--momentum", "average"), 1),
     "ffe-server-mom": (("--server-momentum", "0.5"), 1),
+    "ffe-clip": (("--clip-update-norm",), 1),  # its bound C: run_benchmark's clip_update_norm
 }
+#: The variant whose last argument is the benchmark's ``clip_update_norm``.
+CLIP_VARIANT = "ffe-clip"
 #: Methods that run only when asked for with ``methods``.
 EXTRA_METHODS = tuple(FFE_VARIANTS)
 TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__{configuration}"
@@ -285,7 +289,8 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
                   external: Sequence[str] = (), folds: Sequence[int | str] = (0,), rounds: int = 10,
                   iterations_per_round: int = 250, methods: Sequence[str] = METHODS,
                   val_iterations: int | None = None, progress: Callable[[dict], None] | None = None,
-                  command: str | None = None, seed: int | None = None, repeats: int = 1) -> dict[str, Any]:
+                  command: str | None = None, seed: int | None = None, repeats: int = 1,
+                  clip_update_norm: float | None = None) -> dict[str, Any]:
     """Runs the protocol (module docstring) and writes ``out/results.json``, ``results.md``, ``dsc.png`` and
     ``training_curves.png``; returns the results dict (``evaluation.report.build_repeated_results`` schema).
 
@@ -305,6 +310,7 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
             stream); None: unseeded, as nnU-Net (with ``repeats`` > 1: 0).
         repeats: every method is trained (and evaluated) this many times, with seeds ``seed .. seed + repeats - 1``,
             on the same splits and plans (planned once per method).
+        clip_update_norm: the bound C of the ``ffe-clip`` method (required with it).
     """
     from fednnunet.evaluation.predict import normalize_folds
 
@@ -326,6 +332,8 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
                                  f"must be a multiple of {every}")
     if seed is not None and seed < 0:
         raise BenchmarkError(f"seed must be >= 0, got {seed}")
+    if CLIP_VARIANT in methods and not (clip_update_norm or 0) > 0:
+        raise BenchmarkError(f"{CLIP_VARIANT} needs its bound: pass clip_update_norm (--clip-update-norm C) > 0")
     seeds: list[int | None] = [seed] if seed is None and repeats == 1 else [(seed or 0) + k for k in range(repeats)]
     val_iterations = val_iterations or max(1, min(50, iterations_per_round // 5))
     internal = resolve_sites(raw, sites)
@@ -345,6 +353,7 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
               "iterations_per_fold": rounds * iterations_per_round, "repeats": repeats, "seeds": seeds}
     ctx = _Context(raw, out, configuration, internal, ext, folds, rounds, iterations_per_round, val_iterations,
                    splits, prog)
+    ctx.clip_update_norm = clip_update_norm
     per_repeat: list[dict[str, dict[str, list]]] = []
     metrics_files: dict[str, list[Path]] = {m: [] for m in methods}  # every repeat's (first fold)
     timings: dict[str, float] = {m: 0.0 for m in methods}
@@ -367,7 +376,8 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
     if command is None:
         command = (f"run_benchmark(raw={str(raw)!r}, sites={[d.key for d in internal]}, configuration="
                    f"{configuration!r}, external={[d.key for d in ext]}, folds={folds}, rounds={rounds}, "
-                   f"iterations_per_round={iterations_per_round}, methods={methods}, seed={seed}, repeats={repeats})")
+                   f"iterations_per_round={iterations_per_round}, methods={methods}, seed={seed}, repeats={repeats}, "
+                   f"clip_update_norm={clip_update_norm})")
     results = build_repeated_results(per_repeat, seeds, command, budget, external_sites=[d.key for d in ext])
     results["averaging_gap"] = _averaging(metrics_files, internal)
     results["sites"] = {d.key: {"id": d.id, "dataset": d.name, "external": d in ext} for d in internal + ext}
@@ -392,6 +402,7 @@ class _Context:
         self.folds, self.rounds, self.iterations, self.val_iterations = folds, rounds, iterations, val_iterations
         self.splits, self.prog = splits, prog
         self.repeat, self.seed = 0, None  # set per training repeat by run_benchmark
+        self.clip_update_norm: float | None = None  # the bound of CLIP_VARIANT
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -547,6 +558,8 @@ class _Context:
         """Train and evaluate one method for the current repeat: per-site per-case results, training curves."""
         if method in FFE_VARIANTS:
             train_args, every = FFE_VARIANTS[method]
+            if method == CLIP_VARIANT:
+                train_args = (*train_args, repr(self.clip_update_norm))
             return self._run_ffe(method=method, train_args=train_args, every=every)
         return getattr(self, f"_run_{method}")()
 

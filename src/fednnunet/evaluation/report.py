@@ -82,7 +82,8 @@ FFE_VARIANT_NAMES: dict[str, str] = {"ffe16": "FFE (16-bit transfer)", "ffe-unif
                                      "ffe-often": "FFE (averaging 5 x as often)",
                                      "ffe-mom-reset": "FFE (site momentum reset)",
                                      "ffe-mom-avg": "FFE (site momentum averaged)",
-                                     "ffe-server-mom": "FFE (server momentum)"}
+                                     "ffe-server-mom": "FFE (server momentum)",
+                                     "ffe-clip": "FFE (update norm clipped)"}
 #: Display names of the methods (as in the paper's tables); unknown methods are shown as given.
 METHOD_NAMES: dict[str, str] = {"local": "Local", "centralized": "Centralized", "ffe": "FFE", "asym": "AsymFedAvg",
                                 **FFE_VARIANT_NAMES}
