@@ -282,34 +282,6 @@ def test_ffe_with_averaged_site_momentum(federation: Path) -> None:
     assert "site momentum average" in (out / "events.jsonl").read_text()
 
 
-def test_asym_training_end_to_end(federation: Path) -> None:
-    """AsymFedAvg over real sites, with 16-bit transfer (sites reply changes; the server adds them to its copy)."""
-    import torch
-
-    assert _run_cli(["run", "plan_and_preprocess", "901 902", "-c", "2d", "--asym",
-                     "--out", str(federation / "plan_asym")]) == 0
-    out = federation / "train_asym"
-    assert _run_cli(["run", "train", "901 902", "2d", "0", "--asym", "--skip-val", *TRAIN_FLAGS,
-                     "--transfer-dtype", "float16", "--validate-delivered-every", "0", "--out", str(out)]) == 0
-    result = json.loads((out / "result.json").read_text())
-    assert result["ok"] and result["rounds"] == 2 and "global_model" not in result
-    for dataset in ("901", "902"):
-        assert (_site_folder(federation, dataset) / "fold_0" / "checkpoint_final.pth").is_file()
-        # no delivered-model validation: no best federated model, and no local one either
-        assert not (_site_folder(federation, dataset) / "fold_0" / "checkpoint_best.pth").exists()
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [x["round"] for x in lines] == [1, 2]
-    fractions = lines[-1]["asym_fraction_averaged"]
-    assert set(fractions) == {"901", "902"} and all(0.0 < f <= 1.0 for f in fractions.values())
-    for line in lines:  # half the model each way (plus the packed layout's alignment)
-        for site, traffic in line["bytes"].items():
-            half = line["model_bytes"][site] / 2
-            assert half <= traffic["sent"] < 1.01 * half and half <= traffic["received"] < 1.01 * half
-    for dataset in ("901", "902"):
-        weights = _weights(_site_folder(federation, dataset) / "fold_0" / "checkpoint_final.pth")
-        assert all(torch.isfinite(w).all() for w in weights.values())
-
-
 # --- the server loop against fake sites (no processes) -------------------------------------------------------------
 class _FakeCaller:
     """Sites that answer like site workers: each 'epoch' adds the site's number to every weight."""
@@ -638,3 +610,33 @@ def test_float16_transfer_keeps_changes_finer_than_float16(tmp_path: Path, delta
         np.testing.assert_allclose(final, 1.0 + 3e-4, atol=1e-6)
     else:
         np.testing.assert_array_equal(final, 1.0)
+
+
+# Last: it re-plans the shared federation with --asym, which the FFE tests above must not train on (FedAvg refuses
+# sites whose plans differ).
+def test_asym_training_end_to_end(federation: Path) -> None:
+    """AsymFedAvg over real sites, with 16-bit transfer (sites reply changes; the server adds them to its copy)."""
+    import torch
+
+    assert _run_cli(["run", "plan_and_preprocess", "901 902", "-c", "2d", "--asym",
+                     "--out", str(federation / "plan_asym")]) == 0
+    out = federation / "train_asym"
+    assert _run_cli(["run", "train", "901 902", "2d", "0", "--asym", "--skip-val", *TRAIN_FLAGS,
+                     "--transfer-dtype", "float16", "--validate-delivered-every", "0", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["ok"] and result["rounds"] == 2 and "global_model" not in result
+    for dataset in ("901", "902"):
+        assert (_site_folder(federation, dataset) / "fold_0" / "checkpoint_final.pth").is_file()
+        # no delivered-model validation: no best federated model, and no local one either
+        assert not (_site_folder(federation, dataset) / "fold_0" / "checkpoint_best.pth").exists()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    fractions = lines[-1]["asym_fraction_averaged"]
+    assert set(fractions) == {"901", "902"} and all(0.0 < f <= 1.0 for f in fractions.values())
+    for line in lines:  # half the model each way (plus the packed layout's alignment)
+        for site, traffic in line["bytes"].items():
+            half = line["model_bytes"][site] / 2
+            assert half <= traffic["sent"] < 1.01 * half and half <= traffic["received"] < 1.01 * half
+    for dataset in ("901", "902"):
+        weights = _weights(_site_folder(federation, dataset) / "fold_0" / "checkpoint_final.pth")
+        assert all(torch.isfinite(w).all() for w in weights.values())

@@ -10,6 +10,9 @@ What is measured, all on this machine over loopback:
   127/8 on ``lo`` without setup, so no root is needed;
 * the SuperLink's peak RSS (``VmHWM``) while 32 connections each send a 16 MiB body without valid SuperNode
   authentication, through a gateway without ``--site-keys`` (before) and with it (after).
+* a whole federated job through ``fednnunet server`` and two ``fednnunet client`` hospitals (TLS, their keys;
+  federated fingerprint extraction of two tiny synthetic sites: SuperNodes joining, four round trips, release):
+  its wall time from the clients' start to the server's exit, with no attack and under the two slow-head attacks.
 
 The attack and request helpers here are also what ``tests/test_gateway_attacks.py`` uses, so the benchmark and
 the tests exercise one implementation. ``python -m fednnunet.bench.gateway slow-heads ...`` runs the slow-head
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -31,7 +35,7 @@ from base64 import b64encode
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 
@@ -201,6 +205,16 @@ def slow_head_attack(host: str, port: int, sources: list[str], count: int = 100,
         _stop(proc, 15)
         if log:
             out.close()  # type: ignore[union-attr]
+
+
+def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL if ``proc`` is still running ``grace_s`` later."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_ready(proc: subprocess.Popen, timeout_s: float) -> str:
@@ -374,8 +388,62 @@ def bench_gateway(work: Path | None = None, requests: int = 10, attackers: int =
                                                                             requests, deadline_s)
     with coordinator(work / "before", tls, site_keys=False) as stack:
         result["rss_before"] = _body_attack(stack, bodies, body_mb)
+    result["job_seconds"] = {"no attack": federation_job(work / "job", tls, "none")}
+    for label, sources in (("100 slow heads, 1 address", one), ("100 slow heads, 10 addresses", ten)):
+        # the attack needs the gateway's port before the job starts: it aims at the next job's server
+        result["job_seconds"][label] = _job_under_attack(work, tls, sources, attackers, label)
     result["work"] = str(work)
     return result
+
+
+def federation_job(work: Path, tls: Path, tag: str, port: int | None = None,
+                   wait_for: Callable[[], bool] | None = None) -> float:
+    """Wall seconds of a federated fingerprint extraction of two synthetic sites through ``fednnunet server`` and
+    two ``fednnunet client`` processes (site1, site2 of ``tls``), from the clients' start to the server's exit.
+    ``work/nnUNet_raw`` holds the sites (written on first use). ``port``: the gateway's; ``wait_for``: the clients
+    start once it is true (an attack in place)."""
+    from fednnunet.launch import free_port
+
+    env = dict(os.environ, nnUNet_def_n_proc="1")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(work / var)
+        (work / var).mkdir(parents=True, exist_ok=True)
+    if not any((work / "nnUNet_raw").iterdir()):
+        from fednnunet.data.synthetic import write_demo_federation
+
+        write_demo_federation(work / "nnUNet_raw", first_id=901, sites=2, dim=2, seed=0)
+    fednnunet = str(Path(sys.executable).parent / "fednnunet")
+    address = f"127.0.0.1:{port or free_port()}"
+    log = work / f"job-{tag}-server.log"
+    with log.open("w") as f:
+        server = subprocess.Popen([fednnunet, "server", "extract_fingerprint", "--num-clients", "2", "--address",
+                                   address, "--tls-dir", str(tls), "--out", str(work / f"job-{tag}")],
+                                  env=env, stdout=f, stderr=subprocess.STDOUT)
+    clients: list[subprocess.Popen] = []
+    try:
+        deadline = time.monotonic() + 120
+        while "waiting for 2 site" not in log.read_text():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        while wait_for is not None and not wait_for():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the attack did not start")
+            time.sleep(0.2)
+        started = time.monotonic()
+        for i in (1, 2):
+            with (work / f"job-{tag}-site{i}.log").open("w") as f:
+                clients.append(subprocess.Popen(
+                    [fednnunet, "client", "extract_fingerprint", str(900 + i), "--server", address, "--tls-root",
+                     str(tls / "ca.crt"), "--auth-key", str(tls / "sites" / f"site{i}.key"), "--no-check",
+                     "--connect-timeout", "120"], env=env, stdout=f, stderr=subprocess.STDOUT))
+        if server.wait(timeout=600) != 0:
+            raise RuntimeError(f"the job failed:\n{log.read_text()[-2000:]}")
+        return round(time.monotonic() - started, 2)
+    finally:
+        for proc in (server, *clients):
+            if proc.poll() is None:
+                _stop(proc, 30)
 
 
 def _body_attack(stack: Stack, bodies: int, body_mb: int) -> dict:
@@ -392,6 +460,42 @@ def _body_attack(stack: Stack, bodies: int, body_mb: int) -> dict:
             "superlink_rss_mb_after": round(rss_mb(pid), 1), "outcomes": counts, "seconds": round(seconds, 2)}
 
 
+def _job_under_attack(work: Path, tls: Path, sources: list[str], attackers: int, label: str) -> float:
+    """:func:`federation_job` while ``attackers`` slow-head connections from ``sources`` hold its gateway's port
+    (chosen here; the attack starts once the gateway listens, the clients once the attack is in place)."""
+    import threading
+
+    from fednnunet.launch import free_port
+
+    port = free_port()
+    holder: dict = {}
+    tag = f"attack{len(sources)}"
+
+    def listening() -> bool:
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    def attack() -> None:  # starts as soon as the job's gateway listens, ends with the job
+        while not listening() and "done" not in holder:
+            time.sleep(0.1)
+        if "done" not in holder:
+            with slow_head_attack("127.0.0.1", port, sources, attackers, seconds=600.0,
+                                  log=work / f"job-{tag}-attack.log", settle_s=0.0):
+                holder["attacking"] = True
+                while "done" not in holder:
+                    time.sleep(0.2)
+
+    thread = threading.Thread(target=attack, daemon=True)
+    thread.start()
+    try:
+        return federation_job(work / "job", tls, tag, port=port, wait_for=lambda: holder.get("attacking", False))
+    finally:
+        holder["done"] = True
+        thread.join(timeout=60)
+        logger.info("job under attack (%s) done", label)
+
+
 def format_gateway(result: dict) -> str:
     lines = [f"A registered site's {result['requests']} signed Fleet requests (new TLS connection each, retried "
              "until they succeed):",
@@ -402,6 +506,11 @@ def format_gateway(result: dict) -> str:
         lines.append(f"  the same through {result['compared_gateway']} (giving up after {result['deadline_s']:.0f} s):")
         for label, r in result["site_requests_compared"].items():
             lines.append(f"  {label:32s} {r['seconds']:8.2f} {r['succeeded']:9d} {r['failed_tries']:12d}")
+    if "job_seconds" in result:
+        lines.append("A federated job through `fednnunet server` and two `fednnunet client` hospitals (fingerprint "
+                     "extraction of two synthetic sites), wall seconds from the clients' start:")
+        for label, seconds in result["job_seconds"].items():
+            lines.append(f"  {label:32s} {seconds:8.2f}")
     lines.append(f"SuperLink RSS under {result['bodies']} concurrent {result['body_mb']} MiB unauthenticated bodies:")
     for label, key in (("before (no --site-keys)", "rss_before"), ("after (--site-keys)", "rss_after")):
         r = result[key]
@@ -463,12 +572,3 @@ if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()
 
-
-def _stop(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM, then SIGKILL if ``proc`` is still running ``grace_s`` later."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()

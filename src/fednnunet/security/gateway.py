@@ -380,6 +380,20 @@ async def _bounded(stream: AsyncIterator[bytes], limit: int, stall_s: float) -> 
         yield chunk
 
 
+def _activation_refused(problem: str) -> Response:
+    """Flower's own error reply to a SuperNode whose activation fails (its catalog entry and payload), so that a
+    refused SuperNode logs and exits as it does when the SuperLink refuses it ("Failed to activate SuperNode"),
+    which is what ``fednnunet client`` reads to tell its user the key is not registered. Connection closed."""
+    from fastapi.responses import JSONResponse
+    from flwr.supercore.error.base import ApiErrorCode, FlowerError
+    from flwr.supercore.error.catalog import API_ERROR_MAP
+
+    spec = API_ERROR_MAP[ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED]
+    error = FlowerError(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED, problem)
+    return JSONResponse(error.to_json(spec.public_message), spec.http_status_code,
+                        headers={**(spec.http_headers or {}), "connection": "close"})
+
+
 def _refusal(status: int, text: str) -> Response:
     """A short refusal that also closes the connection (its body, if any, is not read)."""
     return PlainTextResponse(f"{status}: {text}\n", status, headers={"connection": "close"})
@@ -391,6 +405,7 @@ def create_app(upstream: str, upstream_ca: Path | None = None, body_stall_s: flo
     ``site_keys``, only requests signed by one of them are forwarded."""
     allowed = fleet_paths()
     push_path = push_messages_path()
+    activation_paths = {p for p in allowed if p.endswith(("/register-node", "/activate-node"))}
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(upstream_ca)) if upstream_ca else True
     client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=httpx.Timeout(600.0, connect=10.0),
                                limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
@@ -415,6 +430,8 @@ def create_app(upstream: str, upstream_ca: Path | None = None, body_stall_s: flo
             problem = node_auth_problem(request.headers, site_keys)
             if problem is not None:
                 logger.warning("refused POST %s from %s: %s", path, peer, problem)
+                if path in activation_paths:  # answered as the SuperLink would: the SuperNode says why it stops
+                    return _activation_refused(problem)
                 return _refusal(401, "SuperNode authentication failed")
             if admission is not None and request.client:
                 admission.prove(request.client.host, request.client.port)
