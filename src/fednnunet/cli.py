@@ -541,8 +541,9 @@ def _add_train_options(t: argparse.ArgumentParser) -> None:
                         "momentum BETA in [0, 1) (default 0: plain FedAvg)")
     t.add_argument("--clip-update-norm", type=float, default=None, metavar="C",
                    help="bound each site's update (its change from the model it was sent) to L2 norm C before "
-                        "averaging, so one site moves the model by at most its weight share x C per round; the "
-                        "norms are in metrics.jsonl (update_norms) (default: no bound)")
+                        "averaging, so one site moves the model by at most its weight share x C per round; with "
+                        "it, metrics.jsonl records the norms (update_norms; a huge C records them without clipping) "
+                        "(default: no bound)")
     t.add_argument("--min-sites", type=int, default=None, help="fewest sites a round may have (default: all)")
     t.add_argument("--round-timeout", type=float, default=None, help="seconds before a site is left out of a round")
     t.add_argument("--resume", action="store_true", help="continue from the last completed round in --out")
