@@ -44,14 +44,15 @@ import numpy as np
 
 from fednnunet.aggregation import (WIRE_DTYPES, ModelSpec, SiteOrderedAdds, StreamingAsymAverager, StreamingAverager,
                                    UpdateRejected, from_wire, to_wire, validate_metrics, validate_update, wire_spec)
+from fednnunet.aggregation.momentum import MOMENTUM_MODES, ServerMomentum, split_momentum
 from fednnunet.aggregation.robust import check_max_norm, clip_update
 from fednnunet.aggregation.site_weights import (FixedWeights, SiteReplyError, check_resumed, fingerprint_digest,
                                                 fix_site_weights)
-from fednnunet.aggregation.momentum import MOMENTUM_MODES, ServerMomentum, split_momentum
 from fednnunet.federation.delivered import (BEST_PREFIX, BestDelivered, check_delivered, pooled_dice,
                                             validates_round)
 from fednnunet.federation.events import EventLog
 from fednnunet.federation.job import JobSpec
+from fednnunet.identifiers import check_identifier
 from fednnunet.planning.site_planning import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -194,8 +195,6 @@ NNUNET_DEFAULT_EPOCHS = 1000
 #: nnU-Net's naming convention for trainers that only change the number of epochs (nnUNetTrainer_5epochs,
 #: nnUNetTrainer_1epoch, nnUNetTrainer_250epochs_NoMirroring, ...)
 _EPOCHS_VARIANT = re.compile(r"^nnUNetTrainer_([1-9][0-9]{0,5})epochs?(_NoMirroring)?$")
-#: A name a site's reply may put into a file path: a plain identifier, never ``..`` or a separator.
-_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 
 
 def default_epochs(trainer: str) -> int | None:
@@ -205,15 +204,6 @@ def default_epochs(trainer: str) -> int | None:
         return NNUNET_DEFAULT_EPOCHS
     match = _EPOCHS_VARIANT.match(trainer)
     return int(match.group(1)) if match else None
-
-
-def check_identifier(value: Any, what: str) -> str:
-    """``value`` if it is a plain identifier that is safe in a file name (``ValueError`` otherwise)."""
-    if not isinstance(value, str) or not _IDENTIFIER.match(value) or ".." in value:
-        text = repr(value)
-        raise ValueError(f"{what} must be a plain name (letters, digits, '_', '.', '-'; no '..'), got "
-                         f"{text if len(text) <= 60 else text[:57] + '...'}")
-    return value
 
 
 # --- server state ----------------------------------------------------------------------------------------------
@@ -347,7 +337,9 @@ def draw_progress(history: list[dict[str, Any]], path: Path, final: Mapping[str,
     """Per-site train (solid) / validation (dashed) loss and mean pseudo-Dice against the round: the local model
     after the round's epoch (solid) and the delivered model, i.e. the aggregate after the round (dotted; black:
     pooled over the sites). ``final``: the final model's validation record (federation/delivered.py)."""
-    from matplotlib.figure import Figure  # no pyplot: drawn in the background saver thread
+    from matplotlib.figure import (
+        Figure,  # no pyplot: drawn in the background saver thread
+    )
 
     sites = sorted({s for rec in history for s in rec["sites"]})
     records = history + ([dict(final)] if final else [])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fednnunet.identifiers import check_identifier
 
 
 @dataclass(frozen=True)
@@ -43,20 +44,14 @@ class CertificateSet:
     site_keys: dict[str, tuple[Path, Path]]  # site name -> (private key, public key)
 
 
-#: A site name: a plain identifier, so that it is safe in file names, log lines and JSON keys at both ends.
-SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
 def site_name(index: int) -> str:
     return f"site{index + 1}"
 
 
 def check_site_name(name: str) -> str:
-    """``name`` if it is a plain identifier (letters, digits, ``_ . -``; not starting with a dot or dash)."""
-    if not SITE_NAME_RE.match(name) or ".." in name:
-        raise ValueError(f"site name {name!r} is not a plain identifier (letters, digits, '_', '.', '-'; "
-                         "starting with a letter or digit; at most 64 characters)")
-    return name
+    """``name`` if it is a plain identifier of at most 64 characters: it names files, log lines and JSON keys at
+    both ends (:func:`fednnunet.identifiers.check_identifier`)."""
+    return check_identifier(name, "site name", max_len=64)
 
 
 def _write_site_pair(folder: Path, name: str) -> tuple[Path, Path]:
