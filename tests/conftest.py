@@ -62,7 +62,7 @@ def planned_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def own_run(server, timeout_s: float = 120.0) -> Iterator:  # noqa: ANN001 - a started fednnunet.launch.ServerNode
+def own_run(server, timeout_s: float = 120.0) -> Iterator:  # noqa: ANN001 - a started fednnunet.federation.server_node.ServerNode
     """A run of the federation's app that ``server`` executes by handing the test its Grid: the test sends the
     sites operations itself (``FlowerSiteCaller(grid)``) through the real SuperLink, SuperNodes and workers."""
     from fednnunet.flower.app_bundle import app_dir

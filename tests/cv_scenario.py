@@ -5,8 +5,8 @@ outputs of two models (``2d`` and ``3d_fullres``, folds 0 and 1, segmentations p
 sites with different case counts, and a pooled dataset holding the union of the same files. It runs
 
 * the federation's task (``run_job``: the server's decisions) against the real site workers (``SiteWorker.handle``,
-  whose operations write the files), joined by an in-process transport that passes every message through JSON as
-  the network would;
+  whose operations write the files), joined by ``in_process.InProcessCaller``, which passes every message through
+  the protocol's envelope and JSON as the network would;
 * ``nnunetv2.evaluation.find_best_configuration.find_best_configuration`` on the pooled dataset;
 
 and writes ``ROOT/compare.json`` with both sides' decisions and figures, for the test to compare. Scenarios:
@@ -131,38 +131,12 @@ def write_data(root: Path, scenario: str) -> None:
                     save_pickle(props, str(out / f"{case}.pkl"))
 
 
-class InProcessCaller:
-    """The SiteCaller contract over real site workers in this process; every message goes through JSON."""
-
-    def __init__(self, workers: dict) -> None:
-        self.workers = workers
-        self.sites: list[str] = []
-        self.messages: list[tuple[str, int]] = []  # (op, bytes of the reply body)
-
-    def _one(self, site: str, op: str, config: dict) -> dict:
-        body = json.loads(json.dumps({"op": op, "config": config}))
-        reply, arrays = self.workers[site].handle(body, {})
-        assert not arrays, f"{op} replied arrays"
-        text = json.dumps(reply)
-        self.messages.append((op, len(text)))
-        reply = json.loads(text)
-        if not reply.get("ok"):
-            raise RuntimeError(f"{op} failed at site {site}: {reply.get('error')}")
-        return reply["result"]
-
-    def broadcast(self, op: str, config: dict, arrays=None, timeout_s=None) -> dict:
-        self.sites = sorted(self.workers)
-        return {s: (self._one(s, op, config), {}) for s in self.sites}
-
-    def call(self, op: str, configs: dict, arrays=None, timeout_s=None) -> dict:
-        return {s: (self._one(s, op, c), {}) for s, c in configs.items()}
-
-
 def run_federated(root: Path) -> dict:
     from fednnunet.federation.events import EventLog
     from fednnunet.federation.job import JobSpec
     from fednnunet.federation.runner import run_job
     from fednnunet.site.worker import SiteWorker
+    from in_process import InProcessCaller  # beside this script (the tests' SiteCaller over real workers)
 
     caller = InProcessCaller({s: SiteWorker(s, s, task="find_best_configuration") for s in SITES})
     out = root / "server"

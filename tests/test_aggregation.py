@@ -545,3 +545,56 @@ def test_clipped_fedavg_bounds_one_sites_influence() -> None:
     assert all(c["w"] is u["w"] for c, u in zip(clipped[:3], honest))
     shift = np.linalg.norm(robust["w"].astype(np.float64) - (3 * honest_avg["w"] + g["w"]) / 4)
     assert shift <= 0.25 * bound * (1 + 1e-5)
+
+
+def test_aggregation_strategies_behind_the_seam() -> None:
+    """The training loop's seam (aggregation/strategy.py): FedAvg writes into the global model's own arrays, FedAvgM
+    saves and restores its velocity, AsymFedAvg keeps one model per site; FedAvg refuses sites with other networks."""
+    from types import SimpleNamespace
+
+    from fednnunet.aggregation import ModelSpec, aggregation_strategy
+    from fednnunet.aggregation.strategy import GLOBAL, AsymFedAvg, FedAvg, FedAvgM
+
+    def options(server_momentum: float = 0.0, asym_scope: str = "all") -> SimpleNamespace:
+        return SimpleNamespace(server_momentum=server_momentum, asym_scope=asym_scope)
+
+    init = {"a": {"w": np.zeros(2, np.float32)}, "b": {"w": np.ones(2, np.float32)}}
+    specs = {s: ModelSpec.of(m) for s, m in init.items()}
+    fedavg_ = aggregation_strategy(False, options(), specs)
+    assert type(fedavg_) is FedAvg and fedavg_.model_key("b") == GLOBAL
+    models = fedavg_.initial_models(init, ["a", "b"])
+    own = models[GLOBAL]["w"]
+    fedavg_.start_round()
+    fedavg_.add("a", {"w": np.full(2, 1.0, np.float32)}, 1.0)
+    fedavg_.add("b", {"w": np.full(2, 4.0, np.float32)}, 3.0)
+    assert fedavg_.apply(models) == {} and models[GLOBAL]["w"] is own
+    np.testing.assert_array_equal(own, [3.25, 3.25])
+
+    momentum = aggregation_strategy(False, options(server_momentum=0.5), specs)
+    assert type(momentum) is FedAvgM
+    models = momentum.initial_models(init, ["a", "b"])
+    momentum.start_round()
+    momentum.add("a", {"w": np.full(2, 2.0, np.float32)}, 1.0)
+    momentum.apply(models)
+    saved = momentum.saved_models(models)
+    assert sorted(saved[GLOBAL]) == ["server_velocity/w", "w"]
+    resumed = aggregation_strategy(False, options(server_momentum=0.5), specs)
+    resumed.restore(saved)
+    assert list(saved[GLOBAL]) == ["w"]
+    np.testing.assert_array_equal(resumed.momentum.velocity["w"], [-2.0, -2.0])
+    plain = {GLOBAL: dict(momentum.saved_models(models)[GLOBAL])}
+    aggregation_strategy(False, options(), specs).restore(plain)  # a FedAvgM state resumed without momentum
+    assert list(plain[GLOBAL]) == ["w"]
+
+    other = {"a": specs["a"], "b": ModelSpec.of({"w": np.zeros(3, np.float32)})}
+    with pytest.raises(ValueError, match="sites a and b have different networks"):
+        aggregation_strategy(False, options(), other)
+    with pytest.raises(ValueError, match="--server-momentum applies to FFE"):
+        aggregation_strategy(True, options(server_momentum=0.5), other)
+    asym = aggregation_strategy(True, options(), other)
+    assert type(asym) is AsymFedAvg and asym.model_key("b") == "b"
+    models = asym.initial_models({"a": init["a"], "b": {"w": np.zeros(3, np.float32)}}, ["a", "b"])
+    asym.start_round()
+    asym.add("a", {"w": np.ones(2, np.float32)}, 1.0)
+    asym.add("b", {"w": np.ones(3, np.float32)}, 1.0)
+    assert asym.apply(models) == {"asym_fraction_averaged": {"a": 0.0, "b": 0.0}}

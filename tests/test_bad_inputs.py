@@ -19,7 +19,9 @@ import SimpleITK as sitk
 from faults import cut, replace_voxels, store_non_finite
 from fednnunet.data.synthetic import write_demo_federation
 from fednnunet.fingerprint.checks import FederationDataError
-from fednnunet.fingerprint.protocol import FingerprintJob, _describe
+from fednnunet.fingerprint.coordinator import FingerprintJob, _describe
+from fednnunet.protocol.envelope import request_body
+from fednnunet.protocol.messages import Describe, DescribeReply, TrainInit
 
 ROWS = {  # dataset id -> (how it is broken, expected message)
     911: ("nan", "site s911, case {case}: file imagesTr/{case}_0000.nrrd (channel 0, MRI): image contains 1 NaN "
@@ -38,10 +40,12 @@ WARNINGS = ("empty_label",)  # rows whose dataset passes, with a warning
 
 SCRIPT = """
 import json, sys
+from fednnunet.protocol.envelope import request_body
+from fednnunet.protocol.messages import Describe
 from fednnunet.site.worker import SiteWorker
 out = {}
 for ds in sys.argv[1:]:
-    body, _ = SiteWorker(f"s{ds}", ds).handle({"op": "describe", "config": {}}, {})
+    body, _ = SiteWorker(f"s{ds}", ds).handle(request_body(Describe(task="")), {})
     out[ds] = body
 print(json.dumps(out))
 """
@@ -127,17 +131,18 @@ class _Caller:
     def __init__(self, replies):
         self.replies = replies
 
-    def broadcast(self, op, config, arrays=None):
+    def broadcast(self, request, arrays=None, timeout_s=None):
+        assert isinstance(request, Describe)
         return {s: (r, {}) for s, r in self.replies.items()}
 
 
-def _desc(**over):
+def _desc(**over) -> DescribeReply:
     from fednnunet import __version__
 
     base = {"dataset_name": "Dataset1_X", "num_cases": 2, "problems": [], "version": __version__,
             "dataset_json": {"channel_names": {"0": "CT"}, "labels": {"background": 0, "x": 1},
                              "file_ending": ".nii.gz"}}
-    return {**base, **over}
+    return DescribeReply(**{**base, **over})
 
 
 def test_version_and_zero_cases_mismatch_named():
@@ -146,7 +151,7 @@ def test_version_and_zero_cases_mismatch_named():
     with pytest.raises(FederationDataError, match="site b: dataset Dataset1_X has no training cases"):
         _describe(_Caller({"a": _desc(), "b": _desc(num_cases=0)}), FingerprintJob())
     with pytest.raises(FederationDataError, match="'channel_names' differs between sites"):
-        _describe(_Caller({"a": _desc(), "b": _desc(dataset_json={**_desc()["dataset_json"],
+        _describe(_Caller({"a": _desc(), "b": _desc(dataset_json={**_desc().dataset_json,
                                                                   "channel_names": {"0": "MRI"}})}),
                   FingerprintJob())
 
@@ -163,9 +168,14 @@ def test_site_refuses_a_job_it_was_not_started_for():
     from fednnunet.site.worker import SiteWorker
 
     worker = SiteWorker("s1", "901", task="train", train_expect=("2d", ["0", "1"]))
-    body, _ = worker.handle({"op": "train_init", "config": {"configuration": "3d_fullres", "fold": "0"}}, {})
+    train_init = TrainInit(configuration="3d_fullres", fold="0", trainer="nnUNetTrainer", plans="nnUNetPlans",
+                           device="cpu", npz=False, continue_training=False, pretrained_weights=None, val_best=False,
+                           disable_checkpointing=False, rounds=1, iterations_per_round=None, val_iterations=None,
+                           epochs_per_round=1, da_workers=None, transfer_dtype="float32", seed=None,
+                           momentum="local")
+    body, _ = worker.handle(request_body(train_init), {})
     assert not body["ok"] and "started for 2d fold(s) 0 1 but the server trains 3d_fullres fold 0" in body["error"]
-    body, _ = worker.handle({"op": "describe", "config": {"task": "plan_and_preprocess"}}, {})
+    body, _ = worker.handle(request_body(Describe(task="plan_and_preprocess")), {})
     assert not body["ok"] and "started for task 'train' but the server runs 'plan_and_preprocess'" in body["error"]
 
 

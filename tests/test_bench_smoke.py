@@ -120,12 +120,13 @@ def test_overhead_summary_from_server_records():
 def test_overhead_breakdown_follows_the_last_reply() -> None:
     """The critical path of a round is the site whose reply came last; gaps are measured between rounds."""
     from fednnunet.bench.overhead import summarize
-    from fednnunet.federation.training import round_timing
+    from fednnunet.protocol.messages import TrainRoundReply
+    from fednnunet.training.progress import round_timing
 
     def record(r: int, start: float) -> dict:
         # pushed 0.5 s after the round started; site a answers after 4 s, site b after 6 s (its epoch: 3 s)
-        replies = {"a": ({"seconds": 2.0, "received_at": start + 1.5, "replied_at": start + 3.5}, {}),
-                   "b": ({"seconds": 3.5, "received_at": start + 2.0, "replied_at": start + 5.5}, {})}
+        replies = {"a": (TrainRoundReply(metrics={}, seconds=2.0, received_at=start + 1.5, replied_at=start + 3.5), {}),
+                   "b": (TrainRoundReply(metrics={}, seconds=3.5, received_at=start + 2.0, replied_at=start + 5.5), {})}
         times = {"a": (start + 0.5, start + 4.5), "b": (start + 0.5, start + 6.5)}
         timing = round_timing(start, start + 7.0, replies, times)
         return {"round": r, "started_at": start, "t": start + 7.2, "wall_seconds": 7.0, "overhead_seconds": 4.0,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fednnunet.benchmark.protocol import format_progress, pooled_splits, resolve_sites, run_benchmark, site_splits
+from fednnunet.evaluation.benchmark import format_progress, pooled_splits, resolve_sites, run_benchmark, site_splits
 from fednnunet.data.synthetic import write_demo_federation
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -122,7 +122,7 @@ def test_benchmark_end_to_end(raw: Path, tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_ffe_variants_are_checked_before_anything_runs(raw: Path, tmp_path: Path) -> None:
-    from fednnunet.benchmark.protocol import FFE_VARIANTS, BenchmarkError
+    from fednnunet.evaluation.benchmark import FFE_VARIANTS, BenchmarkError
 
     assert FFE_VARIANTS["ffe-often"] == ((), 5) and FFE_VARIANTS["ffe-uniform"][0] == ("--weighting", "uniform")
     with pytest.raises(BenchmarkError, match=r"ffe-often averages 5 x as often: iterations_per_round \(12\) must be a "
@@ -160,7 +160,7 @@ def test_a_step_is_stopped_with_the_benchmark(tmp_path: Path, how: str) -> None:
     """))
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import os, signal, sys
-        from fednnunet.benchmark.protocol import _stream
+        from fednnunet.evaluation.benchmark import _stream
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl-C, also where the tests run in background
         _stream([sys.executable, {str(child)!r}], dict(os.environ), "step", lambda line: print(line, flush=True))
     """)], stdout=subprocess.PIPE, text=True)

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fednnunet.evaluation.cv_aggregates import (AggregateError, MetricSums, best_candidate, keep_largest_class_helps,
-                                                keep_largest_foreground_helps, selected_models)
+from fednnunet.cross_validation.aggregates import (AggregateError, MetricSums, best_candidate,
+                                                   keep_largest_class_helps, keep_largest_foreground_helps,
+                                                   selected_models)
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -141,7 +142,7 @@ def test_training_summary_per_fold_and_site(capsys: pytest.CaptureFixture[str]) 
     """A multi-fold run is one run: rounds and time per fold, final validation per site, the pooled table
     (what `fednnunet run train ... "0 1"` prints from the server's result)."""
     from fednnunet.cli_cross_validation import print_training
-    from fednnunet.evaluation.cv_report import training_cv
+    from fednnunet.cross_validation.report import training_cv
 
     rng = np.random.default_rng(1)
 

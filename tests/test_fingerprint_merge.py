@@ -14,8 +14,9 @@ from fednnunet.fingerprint.checks import FederationDataError, check_compatible
 from fednnunet.fingerprint.merge import PERCENTILES, SiteSummary, assemble_fingerprint, samples_per_case
 from fednnunet.fingerprint.order_stats import (OrderStatisticSearch, coarse_histogram, count_in_buckets, float_to_key,
                                                key_to_float, linear_percentiles, percentile_ranks, pool_coarse)
-from fednnunet.fingerprint.protocol import _exact_percentiles
+from fednnunet.fingerprint.coordinator import _exact_percentiles
 from fednnunet.fingerprint.site_samples import LocalSamples, _CaseResult
+from fednnunet.protocol.messages import DescribeReply, FingerprintCounts, FingerprintCountsReply
 
 
 def _case(name: str, samples: list[np.ndarray], spacing=(1.0, 1.0), shape=(10, 10), rel=1.0) -> _CaseResult:
@@ -47,12 +48,14 @@ class _LocalCaller:
         self.sites = list(samples)
         self.calls = 0
 
-    def broadcast(self, op, config, arrays=None):
-        assert op == "fingerprint_counts"
+    def broadcast(self, request, arrays=None, timeout_s=None):
+        assert isinstance(request, FingerprintCounts)
         self.calls += 1
-        key_space = np.dtype(config["key_space"])
-        return {site: ({}, {f"counts_{i}": s.bucket_counts(r["channel"], key_space, r["lo"], arrays[f"edges_{i}"])
-                            for i, r in enumerate(config["requests"])}) for site, s in self.samples.items()}
+        key_space = np.dtype(request.key_space)
+        return {site: (FingerprintCountsReply(), {f"counts_{i}": s.bucket_counts(r.channel, key_space, r.lo,
+                                                                                  arrays[f"edges_{i}"])
+                                                   for i, r in enumerate(request.requests)})
+                for site, s in self.samples.items()}
 
 
 def _federate(sites: list[list[_CaseResult]], num_channels: int, coarse: bool = True) -> tuple[dict, int]:
@@ -213,9 +216,10 @@ def test_samples_per_case_uses_global_count():
 
 def test_incompatible_sites_are_named():
     base = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}
-    descs = {"901": {"num_cases": 3, "dataset_json": base},
-             "902": {"num_cases": 2, "dataset_json": {**base, "labels": {"background": 0, "b": 1}}},
-             "903": {"num_cases": 0, "dataset_name": "Dataset903_X", "dataset_json": base}}
+    descs = {"901": DescribeReply(dataset_name="Dataset901_X", num_cases=3, dataset_json=base, version=""),
+             "902": DescribeReply(dataset_name="Dataset902_X", num_cases=2,
+                                  dataset_json={**base, "labels": {"background": 0, "b": 1}}, version=""),
+             "903": DescribeReply(dataset_name="Dataset903_X", num_cases=0, dataset_json=base, version="")}
     with pytest.raises(FederationDataError) as err:
         check_compatible(descs)
     msg = str(err.value)

@@ -20,7 +20,7 @@ def test_flower_version_is_the_one_the_contract_was_checked_with() -> None:
 
 
 def test_a_grid_can_be_told_to_stop_retrying() -> None:
-    """An interrupted coordinator ends its run's requests by limiting the Grid's retries (launch._abandon), as
+    """An interrupted coordinator ends its run's requests by limiting the Grid's retries (server_node._abandon), as
     Flower's own flwr-clientapp does on exit; without it the interpreter waits forever on retrying threads."""
     from flwr.superlink.grid import HttpGrid
     from flwr.supercore.retry.retry_invoker import RetryInvoker
@@ -37,7 +37,9 @@ def test_only_the_secret_holder_takes_tasks_and_the_installed_app_answers(tmp_pa
     from fednnunet.flower.app_bundle import expected_app
     from fednnunet.flower.runtime_tasks import RuntimeTasks, TaskType
     from fednnunet.flower.site_caller import FlowerSiteCaller
-    from fednnunet.launch import ServerNode, Site, SiteNode
+    from fednnunet.protocol.messages import JobDone
+    from fednnunet.federation.local import Site, SiteNode
+    from fednnunet.federation.server_node import ServerNode
 
     with ServerNode(tmp_path / "server") as server, own_run(server) as grid, \
             SiteNode(tmp_path / "site", Site("901", "901"), server.site_address, nnunet_env(tmp_path)) as node:
@@ -55,8 +57,8 @@ def test_only_the_secret_holder_takes_tasks_and_the_installed_app_answers(tmp_pa
                 forger.PushTaskOutput(PushTaskOutputRequest(sub_status="completed"))
         # the worker took the task itself, checked that the run's FAB hash is its own app's, and answered
         assert grid.run.fab_hash == expected_app().fab_hash
-        [(result, _)] = caller.broadcast("job_done", {}).values()
-        assert result["site"] == "901" and result["exiting"] is False  # a one-machine site stays for the next job
+        [(result, _)] = caller.broadcast(JobDone()).values()
+        assert result.site == "901" and result.exiting is False  # a one-machine site stays for the next job
 
 
 def test_a_run_executed_here_that_ends_without_a_result_fails_at_once(tmp_path) -> None:  # noqa: ANN001
@@ -64,7 +66,7 @@ def test_a_run_executed_here_that_ends_without_a_result_fails_at_once(tmp_path) 
     CPU each, taken from the sites on a one-machine federation) to notice one that left no result.json: the
     error names the run and says how its work ended, well before the first `flwr ls` check would run."""
     from fednnunet.flower.app_bundle import app_dir
-    from fednnunet.launch import RUN_STATUS_CHECK_S, FederationError, ServerNode
+    from fednnunet.federation.server_node import RUN_STATUS_CHECK_S, FederationError, ServerNode
 
     with ServerNode(tmp_path / "server") as server:
         run_id = server.submit_app(app_dir(server.workdir), 'job-file=""', lambda grid: None)

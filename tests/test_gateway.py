@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from fednnunet.launch import ServerNode, free_port, wait_listening
+from fednnunet.federation.server_node import ServerNode
+from fednnunet.processes import free_port, wait_listening
 from fednnunet.security.gateway import MAX_REQUEST_BYTES
 
 

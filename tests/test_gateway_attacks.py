@@ -25,7 +25,8 @@ import pytest
 
 from fednnunet.bench.gateway import (Stack, activate, coordinator, fleet_post, make_tls, peak_rss_mb,
                                      site_requests, slow_head_attack, unauthenticated_bodies, wait_ready)
-from fednnunet.launch import free_port, supernode_command
+from fednnunet.processes import free_port
+from fednnunet.site.supernode import supernode_command
 from netns import Hosts, unavailable_reason
 
 NETNS_UNAVAILABLE = unavailable_reason()

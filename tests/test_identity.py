@@ -44,7 +44,7 @@ def _finish(proc: tuple[subprocess.Popen, Path], timeout: float = 300) -> tuple[
 
 
 def test_sites_are_their_keys_not_the_names_they_claim(tmp_path: Path) -> None:
-    from fednnunet.launch import free_port
+    from fednnunet.processes import free_port
 
     tls = tmp_path / "tls"
     subprocess.run([str(BIN / "fednnunet"), "certs", "--out", str(tls), "--hosts", "127.0.0.1"], check=True,

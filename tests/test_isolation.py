@@ -47,7 +47,7 @@ def _wait_for(condition, timeout_s: float, what: str) -> None:  # noqa: ANN001 -
 def test_one_machine_federation_refuses_a_run_submitted_by_another_local_process(tmp_path: Path) -> None:
     from fednnunet.data.synthetic import write_demo_federation
     from fednnunet.federation.job import JobSpec
-    from fednnunet.launch import LocalFederation, Site
+    from fednnunet.federation.local import LocalFederation, Site
 
     env = nnunet_env(tmp_path)
     write_demo_federation(Path(env["nnUNet_raw"]), first_id=901, sites=2, dim=2, seed=1)
@@ -78,12 +78,13 @@ def test_sites_refuse_every_app_but_their_installed_one_even_from_a_compromised_
     """A coordinator that runs any ServerApp (a stock SuperLink: compromised, or misconfigured) has the hostile
     ServerApp message every site; each site answers with its refusal, logs it, and runs none of the app's code."""
     from fednnunet.flower.app_bundle import expected_app
-    from fednnunet.launch import ServerNode, Site, SiteNode
+    from fednnunet.bench.flower_floor import StockServerNode
+    from fednnunet.federation.local import Site, SiteNode
 
     env = nnunet_env(tmp_path)
     markers = tmp_path / "markers"
     hostile = write_hostile_app(tmp_path / "hostile", markers)
-    with ServerNode(tmp_path / "server", flower_executes=True) as coordinator:
+    with StockServerNode(tmp_path / "server") as coordinator:
         sites = [SiteNode(tmp_path / f"site{i}", Site(s, s), coordinator.site_address, env)
                  for i, s in enumerate(("901", "902"))]
         try:

@@ -54,7 +54,7 @@ def _as_other_user(*folders: Path) -> dict[str, list[str]]:
                     reason="needs root (to act as a second user) and the system's python3")
 def test_another_local_user_reads_no_token_key_or_message() -> None:
     from fednnunet.data.synthetic import write_demo_federation
-    from fednnunet.launch import free_port
+    from fednnunet.processes import free_port
 
     base = Path(tempfile.mkdtemp(prefix="fednnunet-users-", dir="/tmp"))
     try:

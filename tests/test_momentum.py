@@ -1,4 +1,4 @@
-"""How SGD momentum meets averaging (aggregation/momentum.py, site/weights.py): the pure pieces, and the server loop
+"""How SGD momentum meets averaging (aggregation/momentum.py, training/weights.py): the pure pieces, and the server loop
 with FedAvgM through a resume (fake sites, no network)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fednnunet.aggregation.momentum import MOMENTUM_PREFIX, ServerMomentum, split_momentum
-from fednnunet.site.weights import copy_in_place, momentum_buffers, unique_state
+from fednnunet.training.weights import copy_in_place, momentum_buffers, unique_state
 
 
 def test_split_momentum_takes_the_prefixed_buffers_apart() -> None:
@@ -92,7 +92,8 @@ def test_server_loop_with_server_momentum_resumes_its_velocity(tmp_path: Path) -
     from test_training import _FakeCaller, _job
 
     from fednnunet.federation.events import EventLog
-    from fednnunet.federation.training import load_models, load_state, run_training_task
+    from fednnunet.training.state import load_models, load_state
+    from fednnunet.training.task import run_training_task
 
     shapes = {"1": {"w": (2,)}, "3": {"w": (2,)}}
     beta = 0.5
@@ -120,10 +121,10 @@ def test_server_loop_with_server_momentum_resumes_its_velocity(tmp_path: Path) -
 
 
 def test_momentum_options_are_checked() -> None:
-    from fednnunet.federation.training import TrainOptions
+    from fednnunet.training.options import TrainOptions
 
-    assert TrainOptions(momentum="average").site_config("0", False)["momentum"] == "average"
-    assert "server_momentum" not in TrainOptions(server_momentum=0.5).site_config("0", False)
+    assert TrainOptions(momentum="average").train_init("0", False).momentum == "average"
+    assert not hasattr(TrainOptions(server_momentum=0.5).train_init("0", False), "server_momentum")
     with pytest.raises(ValueError, match="momentum must be one of local, reset, average"):
         TrainOptions(momentum="nesterov")
     with pytest.raises(ValueError, match=r"server_momentum must be in \[0, 1\)"):

@@ -30,7 +30,7 @@ _DRIVER = textwrap.dedent('''
 
         from fednnunet.evaluation.predict import case_input_files, held_out_cases, predict_cases
         from fednnunet.evaluation.report import evaluate_predictions
-        from fednnunet.site.trainer import SiteTrainer
+        from fednnunet.training.site_trainer import SiteTrainer
 
         root = Path(root)
         raw = next(Path(os.environ["nnUNet_raw"]).glob("DatasetDATASET_ID_*"))

@@ -13,8 +13,14 @@ import pytest
 
 from fednnunet.aggregation.site_weights import SiteReplyError, check_resumed, fingerprint_digest, fix_site_weights
 from fednnunet.federation.events import EventLog
-from fednnunet.federation.training import (TrainOptions, check_site_infos, default_epochs, load_models, load_state,
-                                           round_line, run_training_task, write_global_model)
+from fednnunet.protocol.errors import ErrorKind, SiteError
+from fednnunet.protocol.messages import TrainInitReply
+from fednnunet.training.export import write_global_model
+from fednnunet.training.options import TrainOptions, default_epochs
+from fednnunet.training.progress import round_line
+from fednnunet.training.site_checks import check_site_infos
+from fednnunet.training.state import load_models, load_state
+from fednnunet.training.task import run_training_task
 from test_training import _FakeCaller, _job
 
 
@@ -26,6 +32,14 @@ def _info(trainer: str = "nnUNetTrainer", configuration: str = "2d") -> dict:
     return {"trainer_name": trainer, "configuration": configuration, "plans": {"plans_name": "nnUNetPlans"},
             "dataset_json": {"labels": {}}, "dataset_fingerprint": {"spacings": []}, "state_keys": {"w": "w"},
             "inference_allowed_mirroring_axes": [0]}
+
+
+def _replies(infos: dict) -> dict[str, TrainInitReply]:
+    """Hand-made train_init replies: the given fields, the others as a site sends them."""
+    base = {**_info(), "num_training_cases": 1, "num_validation_cases": 0, "dataset_num_cases": 1,
+            "current_epoch": 0, "num_epochs": 1000, "iterations_per_epoch": 250, "build_seconds": 0.0,
+            "output_folder": "", "fold": 0}
+    return {s: TrainInitReply(**{**base, **fields}) for s, fields in infos.items()}
 
 
 # --- names that reach file paths ---------------------------------------------------------------------------------
@@ -93,7 +107,7 @@ def _ffe_infos() -> dict:
 def test_check_site_infos_takes_plans_only_when_every_site_agrees() -> None:
     opts = TrainOptions(configuration="2d", rounds=1)
     infos = _ffe_infos()
-    got = check_site_infos(infos, opts, asym=False)
+    got = check_site_infos(_replies(infos), opts, asym=False)
     assert got["trainer_name"] == "nnUNetTrainer" and got["plans"] == infos["2"]["plans"]
     cases = [
         ("plans", lambda i: i["3"]["plans"]["configurations"]["2d"].update(batch_size=200)),
@@ -110,11 +124,11 @@ def test_check_site_infos_takes_plans_only_when_every_site_agrees() -> None:
         infos = _ffe_infos()
         tamper(infos)
         with pytest.raises(SiteReplyError, match=field):
-            check_site_infos(infos, opts, asym=False)
+            check_site_infos(_replies(infos), opts, asym=False)
     # the dataset's own name may differ (dataset.json, plans' dataset_name): written from the first site
     infos = _ffe_infos()
     infos["3"]["dataset_json"]["name"] = "elsewhere"
-    assert check_site_infos(infos, opts, asym=False)["dataset_json"]["name"] == "2"
+    assert check_site_infos(_replies(infos), opts, asym=False)["dataset_json"]["name"] == "2"
 
 
 # --- the number of rounds -----------------------------------------------------------------------------------------
@@ -154,42 +168,42 @@ def _counts(asym: bool = False) -> dict:
 
 
 def test_fixed_weights_are_bounded_by_the_plan() -> None:
-    fixed = fix_site_weights(_counts(), asym=False, weighting="cases")
+    fixed = fix_site_weights(_replies(_counts()), asym=False, weighting="cases")
     assert fixed.weights == {"1": 1.0, "3": 3.0} and fixed.planned_total == 6
     assert fixed.fingerprint_sha256 == fingerprint_digest({"spacings": [[1.0]] * 6})
-    assert fix_site_weights(_counts(), asym=False, weighting="uniform").weights == {"1": 1.0, "3": 1.0}
+    assert fix_site_weights(_replies(_counts()), asym=False, weighting="uniform").weights == {"1": 1.0, "3": 1.0}
     assert "3 of 4 cases, weight 3 (75.0 %)" in fixed.line()
     for value in (10**9, float("inf"), float("nan"), -1, 0, 1e9, 2.0, True, "3", None):
         counts = _counts()
         counts["3"]["num_training_cases"] = value
         with pytest.raises(SiteReplyError, match="site 3: num_training_cases"):
-            fix_site_weights(counts, asym=False, weighting="cases")
+            fix_site_weights(_replies(counts), asym=False, weighting="cases")
     counts = _counts()  # a site declares more cases than it planned with: the sum exceeds the merged fingerprint's
     counts["3"].update(num_training_cases=40, dataset_num_cases=50)
     with pytest.raises(SiteReplyError, match=r"dataset_num_cases: the sites declare 2 \(1\) \+ 50 \(3\) = 52 "
                                              r"cases, but the federation was planned on 6"):
-        fix_site_weights(counts, asym=False, weighting="cases")
+        fix_site_weights(_replies(counts), asym=False, weighting="cases")
     counts = _counts()  # and a fingerprint of its own to match: it is not the one the other sites hold
     counts["3"].update(dataset_num_cases=50, dataset_fingerprint={"spacings": [[1.0]] * 52})
     with pytest.raises(SiteReplyError, match="dataset_fingerprint"):
-        fix_site_weights(counts, asym=False, weighting="cases")
+        fix_site_weights(_replies(counts), asym=False, weighting="cases")
     counts = {**_counts(), "5": {**_counts()["3"], "dataset_fingerprint": {"spacings": [[2.0]] * 6}}}
     with pytest.raises(SiteReplyError, match=r"^site 5: dataset_fingerprint"):  # the odd one out is named
-        fix_site_weights(counts, asym=False, weighting="cases")
+        fix_site_weights(_replies(counts), asym=False, weighting="cases")
     counts = _counts()
     counts["1"]["num_training_cases"] = 3  # more training cases than its dataset holds
     with pytest.raises(SiteReplyError, match="site 1: num_training_cases: 3 training cases, but its dataset has 2"):
-        fix_site_weights(counts, asym=False, weighting="cases")
+        fix_site_weights(_replies(counts), asym=False, weighting="cases")
     # --asym: no shared record, only each site's own fingerprint
-    assert fix_site_weights(_counts(asym=True), asym=True, weighting="cases").planned_total is None
+    assert fix_site_weights(_replies(_counts(asym=True)), asym=True, weighting="cases").planned_total is None
     counts = _counts(asym=True)
     counts["3"]["dataset_num_cases"] = 9
     with pytest.raises(SiteReplyError, match="site 3: dataset_num_cases: 9 cases, but its own fingerprint lists 4"):
-        fix_site_weights(counts, asym=True, weighting="cases")
+        fix_site_weights(_replies(counts), asym=True, weighting="cases")
 
 
 def test_resume_keeps_the_weights_of_the_run() -> None:
-    fixed = fix_site_weights(_counts(), asym=False, weighting="cases")
+    fixed = fix_site_weights(_replies(_counts()), asym=False, weighting="cases")
     saved = {**fixed.to_json(), "weights": {"1": 1.0, "3": 1.0}}
     assert check_resumed(fixed, saved).weights == {"1": 1.0, "3": 1.0}
     assert check_resumed(fixed, None) == fixed
@@ -273,7 +287,7 @@ def test_clip_update_norm_in_the_server_loop(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["update_norms"] == pytest.approx({"1": math.sqrt(2), "3": 3 * math.sqrt(2)})
     assert lines[0]["clip_update_norm"] == pytest.approx(math.sqrt(2))
-    assert "clip_update_norm" not in TrainOptions(rounds=1, clip_update_norm=1.0).site_config("0", False)
+    assert not hasattr(TrainOptions(rounds=1, clip_update_norm=1.0).train_init("0", False), "clip_update_norm")
     with pytest.raises(ValueError, match="norm bound"):
         TrainOptions(rounds=1, clip_update_norm=-1.0)
 
@@ -292,7 +306,8 @@ def test_a_site_that_rebuilds_its_trainer_with_another_count_stays_out(tmp_path:
                     replies["3"][0]["num_training_cases"] = 99
             return replies, errors
 
-    caller = Regrown({"1": {"w": (2,)}, "3": {"w": (2,)}}, {("3", 1): "no training session"})
+    caller = Regrown({"1": {"w": (2,)}, "3": {"w": (2,)}},
+                     {("3", 1): SiteError("site 3: no training session", ErrorKind.SESSION_LOST)})
     result = run_training_task(_job(tmp_path, False, min_sites=1), caller, EventLog(tmp_path / "events.jsonl"))
     assert result["rounds"] == 3
     events = (tmp_path / "events.jsonl").read_text()

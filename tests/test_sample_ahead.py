@@ -18,6 +18,8 @@ from conftest import nnunet_env
 _SCRIPT = textwrap.dedent("""
     import numpy as np
     from fednnunet.fingerprint.site_samples import CaseAnalysis
+    from fednnunet.protocol.envelope import request_body
+    from fednnunet.protocol.messages import Describe, FingerprintSample, SampleAhead
     from fednnunet.site.worker import SiteWorker
 
     def same_cases(a, b):
@@ -41,12 +43,12 @@ _SCRIPT = textwrap.dedent("""
     # the worker: sampling ahead after describe gives the same sampling reply as sampling on request
     def sample_reply(dataset, ahead):
         worker = SiteWorker("A", dataset)
-        described, _ = worker.handle({"op": "describe", "config": {"sample_ahead": {"num_processes": 1} if ahead
-                                                                   else None}}, {})
+        described, _ = worker.handle(request_body(Describe(task="", sample_ahead=SampleAhead(num_processes=1)
+                                                           if ahead else None)), {})
         assert described["ok"], described
         worker.run_after_reply()
         used_ahead = worker.sampled_ahead is not None
-        reply, arrays = worker.handle({"op": "fingerprint_sample", "config": {"global_num_cases": 20000}}, {})
+        reply, arrays = worker.handle(request_body(FingerprintSample(global_num_cases=20000)), {})
         assert reply["ok"], reply
         assert worker.sampled_ahead is None
         return used_ahead, reply["result"]["summary"], arrays

@@ -1,4 +1,4 @@
-"""Tests of the persistent site trainer (fednnunet.site).
+"""Tests of the persistent site trainer (fednnunet.training: site_trainer, weights, and the site worker's round).
 
 The weight helpers are tested in this process on plain torch modules and on nnU-Net's network class from
 dynamic_network_architectures (which does not import nnunetv2). Everything that touches nnunetv2 runs in
@@ -17,6 +17,7 @@ import signal
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 
 from conftest import BIN, own_run, run_logged, trainer_env
 from conftest import PLANNED_SITE_ID as DATASET_ID
-from fednnunet.site.weights import alias_map, load_unique_state, unique_state, unique_tensors, unwrap
+from fednnunet.training.weights import alias_map, load_unique_state, unique_state, unique_tensors, unwrap
 
 # ----------------------------------------------------------------------------------------------- pure tests
 
@@ -172,7 +173,7 @@ _DRIVER = textwrap.dedent('''
 
 
     def main(report_path):
-        from fednnunet.site.trainer import SiteTrainer
+        from fednnunet.training.site_trainer import SiteTrainer
 
         report = {"nnunet_imported_by_import": "nnunetv2" in sys.modules}
         kwargs = dict(dataset=DATASET_ID, configuration="2d", fold=0, device="cpu", total_epochs=3,
@@ -427,22 +428,26 @@ def test_worker_checkpoints_after_the_reply_and_finishes_it_on_sigterm(planned_s
     round than it holds (it missed round 2) trains that round's epoch, from the model it received, with that
     epoch's learning rate. Real SuperLink, SuperNode and worker."""
     from fednnunet.flower.site_caller import FlowerSiteCaller
-    from fednnunet.launch import ServerNode, Site, SiteNode
+    from fednnunet.federation.local import Site, SiteNode
+    from fednnunet.federation.server_node import ServerNode
+    from fednnunet.protocol.messages import TrainInit, TrainRound
 
     env = trainer_env(planned_site, tmp_path / "results")
-    cfg = {"configuration": "2d", "fold": 0, "rounds": 3, "epochs_per_round": 1, "iterations_per_round": 2,
-           "val_iterations": 1, "da_workers": 0, "continue_training": False}
+    init_request = TrainInit(configuration="2d", fold="0", trainer="nnUNetTrainer", plans="nnUNetPlans", device="cpu",
+                             npz=False, continue_training=False, pretrained_weights=None, val_best=False,
+                             disable_checkpointing=False, rounds=3, iterations_per_round=2, val_iterations=1,
+                             epochs_per_round=1, da_workers=0, transfer_dtype="float32", seed=None, momentum="local")
     with ServerNode(tmp_path / "server") as server, own_run(server) as grid:
         caller = FlowerSiteCaller(grid)
         with SiteNode(tmp_path / "site", Site("901", str(DATASET_ID)), server.site_address, env) as node:
             caller.wait_for_nodes(1, 120)
-            [(init, weights)] = caller.broadcast("train_init", cfg).values()
-            [(reply, update)] = caller.call("train_round", {"901": {"round": 1, "epoch_end": 1}},
+            [(init, weights)] = caller.broadcast(init_request).values()
+            [(reply, update)] = caller.call({"901": TrainRound(round=1, epoch_end=1, validate_delivered=False)},
                                             {"901": weights}).values()
             node.worker.popen.send_signal(signal.SIGTERM)
-            assert reply["metrics"]["epoch"] == 1 and update, reply
+            assert reply.metrics["epoch"] == 1 and update, reply
             assert node.worker.popen.wait(timeout=120) == -signal.SIGTERM
-        latest = Path(init["output_folder"]) / "checkpoint_latest.pth"
+        latest = Path(init.output_folder) / "checkpoint_latest.pth"
         assert latest.is_file(), (tmp_path / "site" / "logs" / "worker-901.log").read_text()[-3000:]
         assert torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"] == 1
 
@@ -452,9 +457,10 @@ def test_worker_checkpoints_after_the_reply_and_finishes_it_on_sigterm(planned_s
             while not (new := set(grid.get_node_ids()) - old_nodes) and time.monotonic() < deadline:
                 time.sleep(0.5)
             caller.node_of = {"901": new.pop()}  # the site came back as a new node
-            [(info, weights)] = caller.broadcast("train_init", {**cfg, "continue_training": True}).values()
-            assert info["current_epoch"] == 1, info
-            [(reply, _)] = caller.call("train_round", {"901": {"round": 3, "epoch_end": 3}}, {"901": weights}).values()
-            metrics = reply["metrics"]
+            [(info, weights)] = caller.broadcast(replace(init_request, continue_training=True)).values()
+            assert info.current_epoch == 1, info
+            [(reply, _)] = caller.call({"901": TrainRound(round=3, epoch_end=3, validate_delivered=False)},
+                                       {"901": weights}).values()
+            metrics = reply.metrics
             assert metrics["epoch"] == 3 and metrics["epochs"] == 1 and metrics["skipped_epochs"] == 1, metrics
             assert abs(metrics["lr"] - 0.01 * (1 - 2 / 3) ** 0.9) < 1e-9, metrics  # nnU-Net's poly LR at epoch 2

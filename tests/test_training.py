@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fednnunet.federation.training import TrainOptions, load_models, load_state, round_line, save_state
-from fednnunet.launch import descendants, is_running
+from fednnunet.protocol.errors import ErrorKind, SiteError
+from fednnunet.training.options import TrainOptions
+from fednnunet.training.progress import round_line
+from fednnunet.training.state import load_models, load_state, save_state
+from fednnunet.processes import descendants, is_running
 
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "OMP_NUM_THREADS")
 TRAIN_FLAGS = ["--rounds", "2", "--iterations-per-round", "2", "--val-iterations", "1", "--da-workers", "0"]
@@ -28,8 +31,8 @@ TRAIN_FLAGS = ["--rounds", "2", "--iterations-per-round", "2", "--val-iterations
 def test_train_options_round_trip_and_checks() -> None:
     opts = TrainOptions(configuration="2d", folds=["0", "all"], rounds=3, weighting="uniform")
     assert TrainOptions.from_dict(opts.asdict()) == opts
-    cfg = opts.site_config("all", continue_training=True)
-    assert cfg["fold"] == "all" and cfg["continue_training"] and "weighting" not in cfg
+    request = opts.train_init("all", continue_training=True)
+    assert request.fold == "all" and request.continue_training and not hasattr(request, "weighting")
     with pytest.raises(ValueError, match="unknown training option"):
         TrainOptions.from_dict({"configuration": "2d", "bogus": 1})
     with pytest.raises(ValueError):
@@ -284,28 +287,62 @@ def test_ffe_with_averaged_site_momentum(federation: Path) -> None:
 
 # --- the server loop against fake sites (no processes) -------------------------------------------------------------
 class _FakeCaller:
-    """Sites that answer like site workers: each 'epoch' adds the site's number to every weight."""
+    """Sites that answer like site workers: each 'epoch' adds the site's number to every weight.
 
-    def __init__(self, shapes: dict[str, dict[str, tuple[int, ...]]], fail: dict[tuple[str, int], str],
+    The SiteCaller contract over fake sites: ``_replies`` sees what a site would (the operation's name, each site's
+    request as its JSON fields, the arrays) and answers plain dicts, which reach the coordinator decoded and checked
+    by the protocol (``read_reply``), as over the network."""
+
+    def __init__(self, shapes: dict[str, dict[str, tuple[int, ...]]], fail: dict[tuple[str, int], SiteError],
                  step: float | None = None, delta_dtype: str | None = None, asym: bool = False,
                  trainer: str = "nnUNetTrainer") -> None:
-        """``step``: what an 'epoch' adds (default: the site's number); ``delta_dtype``: reply like a real site
+        """``fail``: (site, round) -> the SiteError of its train_round; ``step``: what an 'epoch' adds (default:
+        the site's number); ``delta_dtype``: reply like a real site
         with a narrower transfer dtype, i.e. the change from the received weights (aggregation/wire.py);
         ``asym``: every site planned alone (its fingerprint lists its own cases, not the federation's)."""
-        from fednnunet.flower.site_caller import TrafficCounter
+        from fednnunet.protocol.caller import TrafficCounter
 
         self.shapes, self.fail, self.traffic = shapes, fail, TrafficCounter()
+        self.exchange_times: dict[str, tuple[float, float]] = {}
         self.asym, self.trainer = asym, trainer
         self.step, self.delta_dtype = step, delta_dtype
         self.received: dict[int, dict[str, dict[str, np.ndarray]]] = {}
 
-    def broadcast(self, op, config, arrays=None, timeout_s=None):
-        assert op == "describe"
-        return {s: ({"dataset_name": f"Dataset{s}"}, {}) for s in self.shapes}
+    @property
+    def sites(self) -> list[str]:
+        return list(self.shapes)
 
-    def try_call(self, op, configs, arrays=None, timeout_s=None, on_reply=None, expected_s=None):
+    def broadcast(self, request, arrays=None, timeout_s=None):
+        from fednnunet.protocol.messages import Describe, DescribeReply
+
+        assert isinstance(request, Describe)
+        return {s: (DescribeReply(dataset_name=f"Dataset{s}", num_cases=int(s) + 1, dataset_json={}, version="0"), {})
+                for s in self.shapes}
+
+    def call(self, requests, arrays=None, timeout_s=None):
+        from fednnunet.protocol.caller import SiteFailure
+
+        replies, errors = self.try_call(requests, arrays, timeout_s)
+        if errors:
+            raise SiteFailure(next(iter(requests.values())).OP.value, errors)
+        return replies
+
+    def try_call(self, requests, arrays=None, timeout_s=None, on_reply=None, expected_s=None):
         """The transport's contract: each successful reply goes through ``on_reply`` (if given) as it arrives."""
-        replies, errors = self._replies(op, configs, arrays)
+        from fednnunet.protocol.codec import encode
+        from fednnunet.protocol.envelope import read_reply
+
+        if not requests:
+            return {}, {}
+        request_type = type(next(iter(requests.values())))
+        answers, errors = self._replies(request_type.OP.value, {s: encode(r) for s, r in requests.items()}, arrays)
+        replies = {}
+        for site, (answer, out) in answers.items():
+            reply = read_reply(request_type, {"ok": True, "result": answer}, site)
+            if isinstance(reply, SiteError):  # the reply does not have the operation's shape
+                errors[site] = reply
+            else:
+                replies[site] = (reply, out)
         if on_reply is not None:
             for site in list(replies):
                 problem = on_reply(site, *replies[site])
@@ -326,6 +363,7 @@ class _FakeCaller:
                 planned = [int(site) + 1] if self.asym else [int(s) + 1 for s in self.shapes]
                 info = {"num_training_cases": int(site), "num_validation_cases": 1,
                         "dataset_num_cases": int(site) + 1, "current_epoch": 0, "num_epochs": 1000,
+                        "iterations_per_epoch": 250, "build_seconds": 0.1, "output_folder": f"/results/{site}",
                         "trainer_name": self.trainer, "configuration": "2d", "fold": 0,
                         "inference_allowed_mirroring_axes": [0, 1],
                         "plans": {"dataset_name": f"Dataset{site}", "plans_name": "nnUNetPlans",
@@ -353,7 +391,8 @@ class _FakeCaller:
                     update, result["delta"] = delta_to_wire(trained, received, self.delta_dtype), True
                 replies[site] = (result, update)
             elif op == "train_finish":
-                replies[site] = ({"output_folder": f"/results/{site}"}, {})
+                replies[site] = ({"output_folder": f"/results/{site}",
+                                  "checkpoint": f"/results/{site}/checkpoint_final.pth"}, {})
         return replies, errors
 
 
@@ -366,10 +405,10 @@ def _job(tmp_path: Path, asym: bool, **train):
 
 def test_server_loop_fedavg_weights_leave_out_and_resume(tmp_path: Path) -> None:
     from fednnunet.federation.events import EventLog
-    from fednnunet.federation.training import run_training_task
+    from fednnunet.training.task import run_training_task
 
     shapes = {"1": {"w": (2,)}, "3": {"w": (2,)}}
-    caller = _FakeCaller(shapes, {("3", 2): "no reply within 5 s"})
+    caller = _FakeCaller(shapes, {("3", 2): SiteError("no reply within 5 s", ErrorKind.TIMEOUT)})
     events = EventLog(tmp_path / "events.jsonl")
     result = run_training_task(_job(tmp_path, False, min_sites=1), caller, events)
     # round 1: start from site "1"'s weights (1.0); updates 2.0 (w=1) and 4.0 (w=3) -> 3.5
@@ -397,7 +436,7 @@ def test_server_keeps_the_best_delivered_model(tmp_path: Path, asym: bool) -> No
     """Sites report the delivered model's pseudo-Dice; the best pooled one (weighted by validation cases) is sent
     to the sites at the end as checkpoint_best.pth, and kept in the state across a resume."""
     from fednnunet.federation.events import EventLog
-    from fednnunet.federation.training import run_training_task
+    from fednnunet.training.task import run_training_task
 
     # per delivered model (the aggregate after round 0, 1, ...); pooled with 1 and 3 validation cases:
     # 0.1, 0.6, 0.5, 0.375, 0.95: the model after round 1 is the best, though site 3 peaks after round 2
@@ -454,16 +493,17 @@ def test_server_keeps_the_best_delivered_model(tmp_path: Path, asym: bool) -> No
 
 def test_server_loop_min_sites_and_rejected_update(tmp_path: Path) -> None:
     from fednnunet.federation.events import EventLog
-    from fednnunet.federation.training import run_training_task
+    from fednnunet.training.task import run_training_task
 
-    caller = _FakeCaller({"1": {"w": (2,)}, "2": {"w": (2,)}}, {("2", 1): "Flower error 1: node unavailable"})
+    caller = _FakeCaller({"1": {"w": (2,)}, "2": {"w": (2,)}},
+                         {("2", 1): SiteError("Flower error 1: node unavailable", ErrorKind.NODE_UNAVAILABLE)})
     with pytest.raises(RuntimeError, match="only 1 of 2 site"):
         run_training_task(_job(tmp_path, False), caller, EventLog(tmp_path / "events.jsonl"))
 
 
 def test_server_loop_asym_keeps_incompatible_layers(tmp_path: Path) -> None:
     from fednnunet.federation.events import EventLog
-    from fednnunet.federation.training import run_training_task
+    from fednnunet.training.task import run_training_task
 
     shapes = {"1": {"enc": (2,), "head": (3,)}, "3": {"enc": (2,), "head": (5,), "deep": (1,)}}
     caller = _FakeCaller(shapes, {}, asym=True)
@@ -485,7 +525,7 @@ def test_server_loop_asym_keeps_incompatible_layers(tmp_path: Path) -> None:
 ])
 def test_server_rejects_tampered_update_and_round_continues(tmp_path: Path, tamper, reason) -> None:
     from fednnunet.federation.events import EventLog
-    from fednnunet.federation.training import run_training_task
+    from fednnunet.training.task import run_training_task
 
     class Tampering(_FakeCaller):
         def _replies(self, op, configs, arrays):
@@ -518,7 +558,7 @@ def test_killing_a_site_mid_run_does_not_stop_the_run(federation: Path, tmp_path
         while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
         # only this run's worker (a child of the launcher), never another federation's on this machine
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "fednnunet.site.worker .*--site 902 "],
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "fednnunet.site.main .*--site 902 "],
                                  capture_output=True, text=True).stdout.split()
         assert workers, "site 902's worker not found"
         for pid in workers:
@@ -577,7 +617,7 @@ def test_crash_of_the_whole_federation_then_resume(federation: Path, tmp_path: P
 
 def test_float16_transfer_halves_bytes_and_keeps_the_average(tmp_path: Path) -> None:
     from fednnunet.federation.events import EventLog
-    from fednnunet.federation.training import run_training_task
+    from fednnunet.training.task import run_training_task
 
     shapes = {"1": {"w": (1000,)}, "3": {"w": (1000,)}}
     results = {}
@@ -600,7 +640,7 @@ def test_float16_transfer_keeps_changes_finer_than_float16(tmp_path: Path, delta
     change (as real sites do): the global model gains 3e-4 in 3 rounds. Replying the weights themselves in
     float16 would round every round's progress away."""
     from fednnunet.federation.events import EventLog
-    from fednnunet.federation.training import run_training_task
+    from fednnunet.training.task import run_training_task
 
     shapes = {"1": {"w": (4,)}, "3": {"w": (4,)}}
     caller = _FakeCaller(shapes, {}, step=1e-4, delta_dtype="float16" if delta else None)

@@ -3,8 +3,7 @@
 Why one buffer: Flower moves every array of a record as its own object (one request each, plus a hash, at every
 hop: server to SuperLink, SuperLink to SuperNode, SuperNode to ClientApp and back); an nnU-Net state dict has
 hundreds of tensors, and those per-object costs, not the bytes, dominated a round on loopback. Packed, a 30 M
-parameter model is a handful of 5 MB chunks. The same layout describes the arrays in the site worker's socket
-frames. Only numeric dtypes are accepted (nothing that could hold Python objects), and a layout from the network
+parameter model is a handful of 5 MB chunks. Only numeric dtypes are accepted (nothing that could hold Python objects), and a layout from the network
 must account for the buffer exactly.
 """
 

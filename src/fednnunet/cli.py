@@ -99,7 +99,8 @@ def _print_result(task: str, result: dict, started: float, out_dir: Path) -> Non
 
 def _run_reporting(task: str, out_dir: Path, started: float, work) -> int:
     """Run ``work()`` (which returns the job result), print the outcome; exit codes for people and scripts."""
-    from fednnunet.launch import FederationError
+    from fednnunet.federation.server_node import FederationError
+    from fednnunet.processes import ProcessError
 
     import signal
     import threading
@@ -111,7 +112,7 @@ def _run_reporting(task: str, out_dir: Path, started: float, work) -> int:
         signal.signal(signal.SIGTERM, terminated)
     try:
         result = work()
-    except FederationError as err:
+    except (FederationError, ProcessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -124,7 +125,7 @@ def _run_reporting(task: str, out_dir: Path, started: float, work) -> int:
 
 def _train_options(args: argparse.Namespace):
     """Map `fednnunet run train` flags onto TrainOptions (the one schema of JobSpec.train)."""
-    from fednnunet.federation.training import TrainOptions
+    from fednnunet.training.options import TrainOptions
 
     if args.val and args.continue_training:
         raise SystemExit("error: --val and --c cannot be combined (as for nnUNetv2_train)")
@@ -147,7 +148,8 @@ def _train_options(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fednnunet.launch import PRIVATE_UMASK, LocalFederation, Site
+    from fednnunet.federation.local import LocalFederation, Site
+    from fednnunet.processes import PRIVATE_UMASK
 
     _require_env()
     os.umask(PRIVATE_UMASK)  # the coordinator's state (SuperLink database: task token, messages) and outputs
@@ -160,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"federation of {len(sites)} site(s): {', '.join(sites)}; task {args.task}; output {out_dir}", flush=True)
     site_env = {"nnUNet_n_proc_DA": str(args.da_workers)} if getattr(args, "da_workers", None) is not None else {}
     if getattr(args, "share_per_case", False):
-        from fednnunet.evaluation.cross_validation import SHARE_PER_CASE_ENV
+        from fednnunet.cross_validation.site import SHARE_PER_CASE_ENV
 
         site_env[SHARE_PER_CASE_ENV] = "1"
     if args.task == "train" and "OMP_NUM_THREADS" not in os.environ:
@@ -178,7 +180,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # --- multi-machine -------------------------------------------------------------------------------------------
 def cmd_server(args: argparse.Namespace) -> int:
-    from fednnunet.launch import PRIVATE_UMASK, FederationError, ServerNode, ServerTLS, split_address
+    from fednnunet.federation.server_node import FederationError, ServerNode, ServerTLS
+    from fednnunet.processes import PRIVATE_UMASK, split_address
 
     os.umask(PRIVATE_UMASK)  # every folder 0700, every file 0600: the SuperLink database holds the task token
     out_dir = Path(args.out or Path.cwd() / "fednnunet_server" / f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -209,11 +212,12 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    """One hospital: this process is the site worker; it starts the site's SuperNode and answers its tasks."""
-    from fednnunet.launch import PRIVATE_UMASK, is_loopback, split_address
-    from fednnunet.site.serve import SuperNodeExited, run_site
+    """One hospital: this process is the site process (:mod:`fednnunet.site.main`): the site worker, which starts
+    the site's SuperNode and answers its tasks."""
+    from fednnunet.processes import PRIVATE_UMASK, is_loopback, split_address
+    from fednnunet.site.main import SiteOptions, run_site_process
+    from fednnunet.site.serve import SuperNodeExited
     from fednnunet.site.supernode import SuperNodeSpec
-    from fednnunet.site.worker import SiteWorker, install_sigterm_handling
 
     _require_env()
     host, _ = split_address(args.server)
@@ -228,7 +232,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     os.umask(PRIVATE_UMASK)  # the site's logs and outputs: this user's only
     name = _client_site_name(args)
     if getattr(args, "share_per_case", False):
-        from fednnunet.evaluation.cross_validation import SHARE_PER_CASE_ENV
+        from fednnunet.cross_validation.site import SHARE_PER_CASE_ENV
 
         os.environ[SHARE_PER_CASE_ENV] = "1"  # read by this site's cross-validation operations
     if args.task != "train" and not args.no_check:  # training reads the preprocessed data checked at planning
@@ -237,18 +241,17 @@ def cmd_client(args: argparse.Namespace) -> int:
         precheck_client(args.dataset, name, args.np)  # before anything starts
     logs = Path(os.environ["nnUNet_results"]) / "FednnUNet" / f"client-{name}-{args.task}" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    worker = SiteWorker(name, args.dataset, exit_after_job=True, task=args.task,
-                        train_expect=(args.configuration, _split_ids(args.fold)) if args.task == "train" else None)
     spec = SuperNodeSpec(args.server, Path(args.tls_root).resolve() if args.tls_root else None,
                          Path(args.auth_key).resolve() if args.auth_key else None, args.connect_timeout)
+    options = SiteOptions(name, args.dataset, spec, logs, exit_after_job=True, task=args.task,
+                          train_expect=(args.configuration, _split_ids(args.fold)) if args.task == "train" else None,
+                          rejoin_for_s=args.rejoin_for)
     started = time.time()
     log = logs / f"worker-{name}.log"
     print(f"site {name} (dataset {args.dataset}) joining {args.server} for {args.task}; log {log}", flush=True)
     terminal, terminal_err = _send_output_to(log)
-    install_sigterm_handling(worker)  # SIGTERM: stop at once, but never in the middle of a checkpoint write
     try:
-        run_site(worker, spec, logs, rejoin_for_s=args.rejoin_for,
-                 notify=lambda line: print(line, file=terminal_err, flush=True))
+        worker = run_site_process(options, notify=lambda line: print(line, file=terminal_err, flush=True))
     except SuperNodeExited as err:
         print(f"error: {err}", file=terminal_err, flush=True)
         return 1

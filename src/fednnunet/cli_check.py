@@ -22,7 +22,8 @@ def run_site_check(dataset: str, site: str, num_processes: int = 1):
     if not os.environ.get("nnUNet_raw"):
         raise SystemExit("error: set nnUNet_raw, the folder that holds the dataset (see the README, 'Environment')")
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints notices about its other folders at import
-        from fednnunet.fingerprint.integrity import check_site_cases, resolve_dataset
+        from fednnunet.fingerprint.integrity import check_site_cases
+        from fednnunet.fingerprint.site_dataset import resolve_dataset
     try:
         return check_site_cases(site, resolve_dataset(site, dataset), num_processes)
     except ValueError as err:  # no such dataset, or nnU-Net cannot list its cases

@@ -1,8 +1,10 @@
 """``fednnunet run|server|client find_best_configuration`` options and what the CLI prints of cross-validation.
 
 The flags are those of ``nnUNetv2_find_best_configuration`` (same names, defaults and meaning); they map onto
-``BestConfigurationOptions`` (``JobSpec.best_configuration``). The server's result holds the pooled
-cross-validation table, the decision and each site's inference instructions; this module prints them for people.
+``BestConfigurationOptions`` (``JobSpec.best_configuration``), whose defaults they show. The server's result holds
+the pooled cross-validation table, the decision and each site's inference instructions; this module prints them
+for people. It stays at the CLI edge, beside the other ``cli_*`` modules, because all it does is argparse and
+``print``; the stage itself (:mod:`fednnunet.cross_validation`) logs and never prints.
 """
 
 from __future__ import annotations
@@ -10,20 +12,22 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fednnunet.federation.best_configuration import DEFAULT_CONFIGURATIONS, BestConfigurationOptions
+from fednnunet.cross_validation.coordinator import BestConfigurationOptions
 
 __all__ = ["add_options", "add_site_options", "options_from_args", "print_best_configuration", "print_training"]
 
 
 def add_options(t: argparse.ArgumentParser) -> None:
-    """nnUNetv2_find_best_configuration's flags (for `run` and `server`)."""
-    t.add_argument("-c", nargs="+", default=list(DEFAULT_CONFIGURATIONS),
-                   help="configurations (nnU-Net's default: 2d 3d_fullres 3d_lowres 3d_cascade_fullres; those a "
+    """nnUNetv2_find_best_configuration's flags (for `run` and `server`), with the options' defaults."""
+    defaults = BestConfigurationOptions()
+    t.add_argument("-c", nargs="+", default=defaults.configurations,
+                   help=f"configurations (nnU-Net's default: {' '.join(defaults.configurations)}; those a "
                         "site's plans lack are skipped)")
-    t.add_argument("-tr", nargs="+", default=["nnUNetTrainer"], help="trainers")
-    t.add_argument("-p", nargs="+", default=["nnUNetPlans"], help="plans identifiers")
-    t.add_argument("-f", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="folds (default 0 1 2 3 4)")
-    t.add_argument("-np", type=int, default=None,
+    t.add_argument("-tr", nargs="+", default=defaults.trainers, help="trainers")
+    t.add_argument("-p", nargs="+", default=defaults.plans, help="plans identifiers")
+    t.add_argument("-f", nargs="+", type=int, default=defaults.folds,
+                   help=f"folds (default {' '.join(map(str, defaults.folds))})")
+    t.add_argument("-np", type=int, default=defaults.num_processes,
                    help="processes per site for ensembling and postprocessing (default: nnU-Net's, "
                         "nnUNet_def_n_proc or 8; 1 runs in the site's own process)")
     t.add_argument("--disable_ensembling", action="store_true", help="no ensembles of two configurations")
@@ -48,7 +52,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_best_configuration(result: dict[str, Any]) -> None:
-    from fednnunet.evaluation.cv_report import format_cv_table
+    from fednnunet.cross_validation.report import format_cv_table
 
     rows = result.get("cross_validation", {}).get("rows", {})
     if rows:
@@ -76,7 +80,7 @@ def print_best_configuration(result: dict[str, Any]) -> None:
 def print_training(result: dict[str, Any]) -> str:
     """Per fold and site: rounds, round time, final validation; then the pooled validation table. Returns the
     summary for the 'done' line."""
-    from fednnunet.evaluation.cv_report import format_cv_table
+    from fednnunet.cross_validation.report import format_cv_table
 
     folds = result.get("folds", {})
     rounds = 0

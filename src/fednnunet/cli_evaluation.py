@@ -1,5 +1,5 @@
 """``fednnunet evaluate``, ``fednnunet benchmark``, ``fednnunet compare-results`` and ``fednnunet convert``: commands
-print for people, the work is in ``fednnunet.evaluation`` and ``fednnunet.benchmark``."""
+print for people, the work is in ``fednnunet.evaluation`` and ``fednnunet.evaluation.benchmark``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _ids(value: str | list[str] | None) -> list[str]:
 
 
 def _dataset_folder(root: Path, site: str) -> Path:
-    from fednnunet.benchmark.protocol import BenchmarkError, resolve_sites
+    from fednnunet.evaluation.benchmark import BenchmarkError, resolve_sites
 
     try:
         return resolve_sites(root, [site])[0].folder
@@ -93,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # --- benchmark ---------------------------------------------------------------------------------------------------
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from fednnunet.benchmark.protocol import BenchmarkError, format_progress, run_benchmark
+    from fednnunet.evaluation.benchmark import BenchmarkError, format_progress, run_benchmark
 
     raw = Path(args.raw or os.environ.get("nnUNet_raw") or "")
     if not str(raw) or not raw.is_dir():

@@ -1,4 +1,5 @@
-"""Aggregation core: FedAvg, AsymFedAvg and validation of site updates (pure numpy).
+"""Aggregation core: FedAvg, AsymFedAvg, the strategies the training loop calls, and validation of site updates
+(pure numpy).
 
 Updates are ``dict[str, np.ndarray]`` (parameter name -> array, alias keys already removed).
 """
@@ -14,6 +15,7 @@ from fednnunet.aggregation.fedavg import (
 from fednnunet.aggregation.ordered import SiteOrderedAdds
 from fednnunet.aggregation.robust import clip_update, update_norm
 from fednnunet.aggregation.site_weights import FixedWeights, SiteReplyError, fix_site_weights
+from fednnunet.aggregation.strategy import AggregationStrategy, aggregation_strategy
 from fednnunet.aggregation.validation import (
     ModelSpec,
     UpdateRejected,
@@ -23,6 +25,7 @@ from fednnunet.aggregation.validation import (
 from fednnunet.aggregation.wire import WIRE_DTYPES, delta_to_wire, from_wire, narrows, to_wire, wire_spec
 
 __all__ = [
+    "AggregationStrategy",
     "AsymReport",
     "FixedWeights",
     "ModelSpec",
@@ -32,6 +35,7 @@ __all__ = [
     "StreamingAsymAverager",
     "StreamingAverager",
     "UpdateRejected",
+    "aggregation_strategy",
     "asym_fedavg",
     "clip_update",
     "fedavg",

@@ -1,7 +1,7 @@
 """How SGD momentum meets averaging (issue 17): the sites' momentum buffers on the wire, and server momentum.
 
 nnU-Net trains with SGD, momentum 0.99 (Nesterov). A federation has three choices for the sites' buffers, set by
-``--momentum`` and carried out at the site (``site/training_session.py``):
+``--momentum`` and carried out at the site (``training/session.py``):
 
 * ``local`` (default): every site keeps its own buffer from round to round, as its optimizer left it;
 * ``reset``: every site zeroes its buffer when it loads the round's model (each round starts like a fresh SGD);
@@ -19,12 +19,15 @@ Pure numpy, no torch: tested without a network.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import get_args
 
 import numpy as np
 
+from fednnunet.protocol.messages import MomentumMode
+
 __all__ = ["MOMENTUM_MODES", "MOMENTUM_PREFIX", "ServerMomentum", "split_momentum"]
 
-MOMENTUM_MODES = ("local", "reset", "average")
+MOMENTUM_MODES: tuple[str, ...] = get_args(MomentumMode)
 #: Name prefix of a parameter's SGD momentum buffer when it travels beside the weights (``--momentum average``).
 MOMENTUM_PREFIX = "sgd_momentum/"
 

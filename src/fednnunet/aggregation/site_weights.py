@@ -18,7 +18,7 @@ coordinator fixes every site's weight at ``train_init`` and only after these che
   still claim more cases than it has if it lies consistently. Use ``--weighting uniform`` where that matters.
 
 Every round, a reply whose ``num_training_cases`` is not the count fixed here is an update rejection (the site is
-left out of that round; see ``federation/training.py``). The fixed counts and weights are saved in the server
+left out of that round; see ``training/fold_loop.py``). The fixed counts and weights are saved in the server
 state, so ``--resume`` uses the same ones (:func:`check_resumed`).
 
 Pure Python, no Flower: tested without a network.
@@ -31,7 +31,10 @@ import json
 import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: the weights are fixed from the sites' typed train_init replies
+    from fednnunet.protocol.messages import TrainInitReply
 
 __all__ = ["FixedWeights", "SiteReplyError", "check_resumed", "case_count", "fingerprint_digest",
            "fix_site_weights", "pooled_cases"]
@@ -91,7 +94,7 @@ class FixedWeights:
         return f"FedAvg weights fixed at train_init: {share}{planned}"
 
 
-def fix_site_weights(infos: Mapping[str, Mapping[str, Any]], asym: bool, weighting: str) -> FixedWeights:
+def fix_site_weights(infos: Mapping[str, TrainInitReply], asym: bool, weighting: str) -> FixedWeights:
     """Check every site's ``train_init`` counts (module docstring) and fix the weights; raise
     :class:`SiteReplyError` naming the site and the field otherwise."""
     cases: dict[str, int] = {}
@@ -100,14 +103,14 @@ def fix_site_weights(infos: Mapping[str, Mapping[str, Any]], asym: bool, weighti
     digests: dict[str, str] = {}
     for site in sorted(infos):
         info = infos[site]
-        d = declared[site] = case_count(site, "dataset_num_cases", info.get("dataset_num_cases"))
-        n = cases[site] = case_count(site, "num_training_cases", info.get("num_training_cases"))
-        v = case_count(site, "num_validation_cases", info.get("num_validation_cases"), minimum=0)
+        d = declared[site] = case_count(site, "dataset_num_cases", info.dataset_num_cases)
+        n = cases[site] = case_count(site, "num_training_cases", info.num_training_cases)
+        v = case_count(site, "num_validation_cases", info.num_validation_cases, minimum=0)
         if n > d:
             raise SiteReplyError(site, "num_training_cases", f"{n} training cases, but its dataset has {d}")
         if v > d:
             raise SiteReplyError(site, "num_validation_cases", f"{v} validation cases, but its dataset has {d}")
-        fingerprint = info.get("dataset_fingerprint")
+        fingerprint = info.dataset_fingerprint
         totals[site] = pooled_cases(site, fingerprint)
         digests[site] = fingerprint_digest(fingerprint)
     planned_total = digest = None

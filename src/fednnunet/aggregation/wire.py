@@ -14,13 +14,14 @@ full precision on the server.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, get_args
 
 import numpy as np
 
 from fednnunet.aggregation.validation import ModelSpec
+from fednnunet.protocol.messages import WireDtype
 
-WIRE_DTYPES = ("float32", "float16")
+WIRE_DTYPES: tuple[str, ...] = get_args(WireDtype)
 
 
 def _narrower(dtype: np.dtype, wire: np.dtype) -> bool:

@@ -24,10 +24,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fednnunet.atomic_files import write_json_atomic
 from fednnunet.federation.runner import RESULT_FILE
+from fednnunet.federation.server_node import ServerNode
 from fednnunet.flower.messages import from_record, to_record
 from fednnunet.flower.site_caller import FlowerSiteCaller
-from fednnunet.planning.site_planning import write_json_atomic
+from fednnunet.protocol.envelope import ok_body
+from fednnunet.protocol.messages import Echo, EchoReply
 
 server = ServerApp()
 client = ClientApp()
@@ -37,11 +40,20 @@ SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_S = "0.25"
 
 
+class StockServerNode(ServerNode):
+    """A ServerNode whose SuperLink runs every submitted ServerApp itself (Flower's own SuperExec), as stock Flower
+    does: the floor of bare Flower here, and a compromised coordinator in tests/test_isolation.py. It claims no
+    run; its runs are followed (:meth:`ServerNode.follow`) like any other."""
+
+    def _execution(self) -> tuple[list[str], Path | None]:
+        return [], None
+
+
 @client.query()
 def echo(msg: Message, context: Context) -> Message:
     _, arrays = from_record(msg.content)
     reply = {name: array + 1 for name, array in arrays.items()}  # as many bytes, new content
-    return Message(to_record({"ok": True, "result": {"site": str(context.node_id)}}, reply), reply_to=msg)
+    return Message(to_record(ok_body(EchoReply(site=str(context.node_id))), reply), reply_to=msg)
 
 
 @server.main()
@@ -56,7 +68,7 @@ def main(grid: Grid, context: Context) -> None:
         for round_ in range(int(config["rounds"]) + 1):  # round 0 warms up (a node's first ClientApp installs the app)
             payload += 1
             started = time.perf_counter()
-            caller.broadcast("echo", {}, {"model": payload})
+            caller.broadcast(Echo(), {"model": payload})
             if round_:
                 times.append(time.perf_counter() - started)
         result: dict[str, Any] = {"ok": True, "round_s": times}
@@ -68,12 +80,13 @@ def main(grid: Grid, context: Context) -> None:
 def bench_flower_floor(sites: int, rounds: int, payload_bytes: int, work: Path) -> dict[str, Any]:
     """Start a SuperLink and ``sites`` SuperNodes on loopback, run the echo app; round times and their median."""
     from fednnunet.flower.app_bundle import app_dir
-    from fednnunet.launch import ProcessGroup, ServerNode, supernode_command
+    from fednnunet.processes import ProcessGroup
+    from fednnunet.site.supernode import supernode_command
 
     work = Path(work).resolve()
     out = work / "run"
     nodes = ProcessGroup(work, {SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_S})
-    superlink = ServerNode(work, flower_executes=True)
+    superlink = StockServerNode(work)
     superlink.extra_env[SUPEREXEC_POLL_ENV] = SUPEREXEC_POLL_S  # its SuperExec starts the ServerApp
     with superlink:
         try:

@@ -292,7 +292,7 @@ def rss_mb(pid: int) -> float:
 class Stack:
     """What :func:`coordinator` started: the gateway's address and files, and the SuperLink."""
 
-    server: object  # fednnunet.launch.ServerNode
+    server: object  # fednnunet.federation.server_node.ServerNode
     port: int
     tls: Path
     gateway: subprocess.Popen
@@ -327,7 +327,8 @@ def coordinator(work: Path, tls: Path, site_keys: bool = True, gateway_args: lis
     """A SuperLink (TLS, SuperNode authentication, ``tls``'s site keys registered) on loopback and the gateway
     as its own process on ``listen``, the way ``fednnunet server`` runs them (``gateway_file``: another version of
     the gateway module, run as a script, e.g. an earlier one from ``git show``)."""
-    from fednnunet.launch import ServerNode, ServerTLS, free_port, wait_listening
+    from fednnunet.federation.server_node import ServerNode, ServerTLS
+    from fednnunet.processes import free_port, wait_listening
 
     with ServerNode(work / "server", tls=ServerTLS(tls)) as server:
         port = free_port()
@@ -402,7 +403,7 @@ def federation_job(work: Path, tls: Path, tag: str, port: int | None = None,
     two ``fednnunet client`` processes (site1, site2 of ``tls``), from the clients' start to the server's exit.
     ``work/nnUNet_raw`` holds the sites (written on first use). ``port``: the gateway's; ``wait_for``: the clients
     start once it is true (an attack in place)."""
-    from fednnunet.launch import free_port
+    from fednnunet.processes import free_port
 
     env = dict(os.environ, nnUNet_def_n_proc="1")
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -465,7 +466,7 @@ def _job_under_attack(work: Path, tls: Path, sources: list[str], attackers: int,
     (chosen here; the attack starts once the gateway listens, the clients once the attack is in place)."""
     import threading
 
-    from fednnunet.launch import free_port
+    from fednnunet.processes import free_port
 
     port = free_port()
     holder: dict = {}

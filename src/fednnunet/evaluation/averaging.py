@@ -4,7 +4,7 @@ receives after.
 Why: the figure a site logs every round (nnU-Net's online pseudo-Dice after its epochs) describes its *local*
 model; the model it then receives (FFE: the global average; AsymFedAvg: its own model with the compatible layers
 averaged) is validated at the start of the next round on the same site's validation cases ("delivered" in
-``metrics.jsonl``, see federation/delivered.py). Round r's delivered figure minus round r-1's local figure is what
+``metrics.jsonl``, see training/delivered.py). Round r's delivered figure minus round r-1's local figure is what
 averaging took from (or gave to) that site: client drift on heterogeneous sites shows up here as a negative gap,
 while the held-out DSC of the final model only shows its end result.
 

@@ -1,7 +1,7 @@
 """Predict held-out cases with nnU-Net's own predictor, from ordinary nnU-Net results folders.
 
 Why nnU-Net's ``nnUNetPredictor`` and nothing of our own: the federation leaves stock results folders
-(``<trainer>__<plans>__<configuration>/fold_X/checkpoint_final.pth``, see ``fednnunet.site.trainer``), so the
+(``<trainer>__<plans>__<configuration>/fold_X/checkpoint_final.pth``, see ``fednnunet.training.site_trainer``), so the
 numbers we report are those ``nnUNetv2_predict`` would give: same preprocessing, sliding window with Gaussian
 weighting, resampling back to the original geometry, and, when several folds are given, nnU-Net's fold
 ensemble (softmax averaged over the folds' checkpoints, ``initialize_from_trained_model_folder(use_folds=...)``).

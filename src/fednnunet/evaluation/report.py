@@ -46,13 +46,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fednnunet.atomic_files import write_atomic
 from fednnunet.evaluation.metrics import evaluate_folder, reader_from_dataset_json
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ __all__ = [
     "read_round_records",
 ]
 
-#: The FFE variants of the benchmark (benchmark/protocol.py), each compared with FFE.
+#: The FFE variants of the benchmark (evaluation/benchmark.py), each compared with FFE.
 FFE_VARIANT_NAMES: dict[str, str] = {"ffe16": "FFE (16-bit transfer)", "ffe-uniform": "FFE (uniform weights)",
                                      "ffe-often": "FFE (averaging 5 x as often)",
                                      "ffe-mom-reset": "FFE (site momentum reset)",
@@ -104,26 +104,6 @@ _ORDER = ("local", "ffe", *FFE_VARIANT_NAMES, "asym", "centralized")
 # ---------------------------------------------------------------------------------------------- file helpers
 
 
-def _atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Writes ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def _json_safe(obj: Any) -> Any:
     """numpy scalars/arrays to Python, NaN/inf to None: strict JSON, readable by any JSON parser."""
     if isinstance(obj, Mapping):
@@ -144,7 +124,7 @@ def _json_safe(obj: Any) -> Any:
 def write_results_json(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Writes ``results`` as strict JSON (NaN -> null), atomically."""
     text = json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n"
-    out = _atomic_write_bytes(path, text.encode())
+    out = write_atomic(path, text.encode())
     logger.info("wrote %s", out)
     return out
 
@@ -588,7 +568,7 @@ def _comparison_rows(table: Mapping[str, Any], sites: Sequence[str], sep: str, c
 
 def write_markdown(results: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     """Writes :func:`markdown_table` to ``path`` atomically."""
-    out = _atomic_write_bytes(path, markdown_table(results).encode())
+    out = write_atomic(path, markdown_table(results).encode())
     logger.info("wrote %s", out)
     return out
 
@@ -613,7 +593,7 @@ def _save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
         fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
-    out = _atomic_write_bytes(path, buf.getvalue())
+    out = write_atomic(path, buf.getvalue())
     logger.info("wrote %s", out)
     return out
 

@@ -30,7 +30,7 @@ class JobSpec:
     #: attributed to the site of the node that sent it, never to the name the site gives itself
     site_nodes: dict[str, str] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    #: find_best_configuration's options (``federation.best_configuration.BestConfigurationOptions``)
+    #: find_best_configuration's options (``cross_validation.coordinator.BestConfigurationOptions``)
     best_configuration: dict[str, Any] = field(default_factory=dict)
     #: end with ``job_done`` to every site, so that sites started for one job (``fednnunet client TASK``) exit;
     #: a one-machine federation stops its own sites and skips this round trip (``LocalFederation.run``)
@@ -43,7 +43,7 @@ class JobSpec:
             raise ValueError("a federation needs at least one site")
 
     def save(self, path: Path) -> None:
-        from fednnunet.planning.site_planning import write_json_atomic
+        from fednnunet.atomic_files import write_json_atomic
 
         write_json_atomic(path, asdict(self))
 

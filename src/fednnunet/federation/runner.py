@@ -1,35 +1,36 @@
-"""Run a :class:`JobSpec` against connected sites; called by the ServerApp."""
+"""Run a :class:`JobSpec` against connected sites; called by the ServerApp.
+
+Each task is run by the coordinator half of its stage (:data:`TASKS`); this module only dispatches, records the
+result and releases the sites.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+from fednnunet.atomic_files import write_json_atomic
 from fednnunet.federation.events import EventLog
 from fednnunet.federation.job import JobSpec
-from fednnunet.fingerprint.protocol import FingerprintJob, PlanRequest, SiteCaller, run_fingerprint_job
-from fednnunet.planning.site_planning import write_json_atomic
+from fednnunet.protocol.caller import SiteCaller
+from fednnunet.protocol.messages import JobDone
 
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 EVENTS_FILE = "events.jsonl"
 
-
-def run_fingerprint_task(job: JobSpec, caller: SiteCaller, events: EventLog) -> dict[str, Any]:
-    plan = None
-    if job.task == "plan_and_preprocess":
-        plan = PlanRequest(job.configurations, job.planner, dict(job.gpu_memory_target_gb), job.num_processes)
-    outcome = run_fingerprint_job(caller, FingerprintJob(job.asym, plan, job.num_processes, job.check_cases,
-                                                         job.task), events.info, lambda w: events.emit("warning", w))
-    out = Path(job.out_dir)
-    if outcome.fingerprint is not None:
-        write_json_atomic(out / "merged_fingerprint.json", outcome.fingerprint)
-    return {"sites": outcome.sites, "round_trips": outcome.round_trips,
-            "gpu_memory_target_gb": outcome.gpu_memory_target_gb}
+#: task -> the function that runs it (``module:function``, imported when a job needs it)
+RUNNERS = {
+    "extract_fingerprint": "fednnunet.fingerprint.coordinator:run_fingerprint_task",
+    "plan_and_preprocess": "fednnunet.fingerprint.coordinator:run_fingerprint_task",
+    "train": "fednnunet.training.task:run_training_task",
+    "find_best_configuration": "fednnunet.cross_validation.coordinator:run_best_configuration_task",
+}
 
 
 def run_job(job: JobSpec, caller: SiteCaller, events: EventLog) -> dict[str, Any]:
@@ -37,16 +38,8 @@ def run_job(job: JobSpec, caller: SiteCaller, events: EventLog) -> dict[str, Any
     out = Path(job.out_dir)
     started = time.time()
     try:
-        if job.task in ("extract_fingerprint", "plan_and_preprocess"):
-            result = run_fingerprint_task(job, caller, events)
-        elif job.task == "find_best_configuration":
-            from fednnunet.federation.best_configuration import run_best_configuration_task
-
-            result = run_best_configuration_task(job, caller, events)
-        else:
-            from fednnunet.federation.training import run_training_task
-
-            result = run_training_task(job, caller, events)
+        module, name = RUNNERS[job.task].split(":")
+        result = getattr(importlib.import_module(module), name)(job, caller, events)
     except Exception as err:
         _release_sites(job, caller)
         events.emit("error", f"{job.task} failed: {err}")
@@ -66,7 +59,7 @@ def _release_sites(job: JobSpec, caller: SiteCaller) -> None:
     if not job.release_sites or not caller.sites:
         return
     try:
-        caller.broadcast("job_done", {})
+        caller.broadcast(JobDone())
     except Exception as err:  # a site that is gone need not be told
         logger.warning("could not tell every site that the job ended: %s", err)
 

@@ -23,48 +23,9 @@ from typing import Any
 import numpy as np
 
 from fednnunet.fingerprint.file_checks import file_problems
+from fednnunet.fingerprint.site_dataset import training_cases
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_dataset(site: str, dataset: str | int) -> str:
-    """The name of the dataset (id or name) under ``nnUNet_raw``; a ValueError naming the site if it is not there
-    or has no dataset.json."""
-    from batchgenerators.utilities.file_and_folder_operations import isfile, join
-    from nnunetv2.paths import nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    if not nnUNet_raw:
-        raise ValueError(f"site {site}: the environment variable nnUNet_raw is not set")
-    try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as err:
-        raise ValueError(f"site {site}: dataset {dataset} not found under nnUNet_raw={nnUNet_raw}") from err
-    if not isfile(join(nnUNet_raw, name, "dataset.json")):
-        raise ValueError(f"site {site}: {join(nnUNet_raw, name)} has no dataset.json")
-    return name
-
-
-def _cases(site: str, dataset_name: str) -> tuple[str, dict, dict[str, dict]]:
-    """The dataset's folder, dataset.json and training cases as nnU-Net lists them."""
-    from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    from nnunetv2.paths import nnUNet_raw
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-    folder = join(nnUNet_raw, dataset_name)
-    dataset_json = load_json(join(folder, "dataset.json"))
-    try:
-        return folder, dataset_json, get_filenames_of_train_images_and_targets(folder, dataset_json)
-    except Exception as err:  # nnU-Net raises assorted errors for broken layouts
-        raise ValueError(f"site {site}: cannot list the training cases of {dataset_name}: {err}") from err
-
-
-def describe_site(site: str, dataset: str | int) -> dict[str, Any]:
-    """What the server needs to know before merging: dataset name, case count and the dataset.json fields."""
-    name = resolve_dataset(site, dataset)
-    _, dataset_json, cases = _cases(site, name)
-    return {"site": site, "dataset_name": name, "num_cases": len(cases), "dataset_json": dataset_json}
-
 
 #: a case's intensity range of a channel is "far outside" the other cases' when it does not overlap the median range
 #: of the site's cases ([median of the minima, median of the maxima]) at all, or when its width (max - min) is this
@@ -118,7 +79,7 @@ class SiteCheck:
 def check_site_cases(site: str, dataset_name: str, num_processes: int = 1) -> SiteCheck:
     """Check every case of this site: each file below nnU-Net's reader (:mod:`.file_checks`), then the case as
     nnU-Net's reader reads it; ``num_processes`` cases at a time."""
-    folder, dataset_json, cases = _cases(site, dataset_name)
+    folder, dataset_json, cases = training_cases(site, dataset_name)
     result = SiteCheck(site, dataset_name, folder, [])
     if dataset_json.get("numTraining") not in (None, len(cases)):
         result.dataset_problems.append(f"site {site}: dataset.json says numTraining={dataset_json['numTraining']} "

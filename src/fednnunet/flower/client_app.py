@@ -17,6 +17,8 @@ from flwr.clientapp import ClientApp
 
 from fednnunet.array_layout import LayoutError
 from fednnunet.flower.messages import from_record, to_record
+from fednnunet.protocol.envelope import error_body
+from fednnunet.protocol.errors import ErrorKind
 
 #: One worker operation: (body, arrays) of the server's message -> (reply body, reply arrays).
 Handler = Callable[[dict[str, Any], dict[str, np.ndarray]], tuple[dict[str, Any], dict[str, np.ndarray]]]
@@ -31,11 +33,11 @@ def make_client_app(handler: Handler | None) -> ClientApp:
 
     def handle(msg: Message, context: Context) -> Message:
         if handler is None:
-            return Message(to_record({"ok": False, "error": NO_WORKER}), reply_to=msg)
+            return Message(to_record(error_body(ErrorKind.REFUSED_APP, NO_WORKER)), reply_to=msg)
         try:
             body, arrays = from_record(msg.content)
         except LayoutError as err:
-            return Message(to_record({"ok": False, "error": f"malformed message from the server: {err}"}),
+            return Message(to_record(error_body(ErrorKind.BAD_REQUEST, f"malformed message from the server: {err}")),
                            reply_to=msg)
         # the message now lives on in ``arrays`` only, which the operation may release once it has loaded them
         msg.content = RecordDict()

@@ -17,7 +17,7 @@ from fednnunet.federation.events import EventLog
 from fednnunet.federation.job import JobSpec
 from fednnunet.federation.runner import EVENTS_FILE, RESULT_FILE, run_job
 from fednnunet.flower.site_caller import FlowerSiteCaller
-from fednnunet.planning.site_planning import write_json_atomic
+from fednnunet.atomic_files import write_json_atomic
 
 app = ServerApp()
 

@@ -1,4 +1,4 @@
-"""A :class:`~fednnunet.fingerprint.protocol.SiteCaller` over a Flower Grid.
+"""A :class:`~fednnunet.protocol.caller.SiteCaller` over a Flower Grid.
 
 Why not ``grid.send_and_receive``: it sleeps 3 s between pulls, which adds up to seconds per round; here replies
 are pulled every ``poll_s`` (0.1 s by default; every :data:`IDLE_POLL_S` while no reply can be expected yet, see
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import Message
@@ -25,41 +24,22 @@ from flwr.common.constant import ErrorCode
 from fednnunet.array_layout import LayoutError
 from fednnunet.flower.hold import Holds
 from fednnunet.flower.messages import PackedArrays, from_record, record_nbytes, to_record
+from fednnunet.protocol.caller import OnReply, SiteFailure, SiteReply, TrafficCounter
+from fednnunet.protocol.envelope import read_reply, request_body
+from fednnunet.protocol.errors import ErrorKind, SiteError
+from fednnunet.protocol.messages import Request
 
 logger = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
-Reply = tuple[dict[str, Any], Arrays]
 #: Seconds between pulls while no reply is expected yet.
 IDLE_POLL_S = 1.0
 #: While nothing says when a reply is due (``expected_s`` unknown: the first round), the pulls are spaced by this
 #: share of the time waited so far (from ``poll_s`` up to IDLE_POLL_S): a reply waits at most 2 % longer, and a
 #: 30 s first epoch takes about 140 pulls instead of 300 (served on the cores the sites train on).
 UNKNOWN_WAIT_SHARE = 0.02
-#: Called with (site, result, arrays) for each successful reply as it arrives; returns an error or None.
-OnReply = Callable[[str, dict[str, Any], Arrays], "str | None"]
-
-
-class SiteFailure(RuntimeError):
-    """One or more sites failed an operation; ``errors`` maps site (or node) to its message."""
-
-    def __init__(self, op: str, errors: Mapping[str, str]) -> None:
-        self.op = op
-        self.errors = dict(errors)
-        super().__init__(f"{op} failed at {len(errors)} site(s):\n  " +
-                         "\n  ".join(f"{s}: {e}" for s, e in self.errors.items()))
-
-
-@dataclass
-class TrafficCounter:
-    """Array bytes sent to and received from each site (the payload that dominates the wire)."""
-
-    sent: dict[str, int] = field(default_factory=dict)
-    received: dict[str, int] = field(default_factory=dict)
-
-    def add(self, site: str, sent: int, received: int) -> None:
-        self.sent[site] = self.sent.get(site, 0) + sent
-        self.received[site] = self.received.get(site, 0) + received
+#: The kind of a Flower error reply (a SuperLink's or SuperNode's, not the site's own)
+_FLOWER_ERROR_KINDS = {ErrorCode.NODE_UNAVAILABLE: ErrorKind.NODE_UNAVAILABLE, ErrorCode.INVALID_FAB: ErrorKind.REFUSED_APP}
 
 
 class FlowerSiteCaller:
@@ -96,51 +76,50 @@ class FlowerSiteCaller:
                 raise TimeoutError(f"only {len(nodes)} of {expected} sites connected within {timeout_s:.0f} s")
             time.sleep(0.5)
 
-    def broadcast(self, op: str, config: dict[str, Any], arrays: Arrays | None = None,
-                  timeout_s: float | None = None) -> dict[str, Reply]:
+    def broadcast(self, request: Request, arrays: Arrays | None = None,
+                  timeout_s: float | None = None) -> dict[str, SiteReply]:
         targets = list(self.node_of.values()) or sorted(self.grid.get_node_ids())
-        return self._exchange(op, {n: (config, arrays) for n in targets}, timeout_s)
+        return self._exchange({n: (request, arrays) for n in targets}, timeout_s)
 
-    def call(self, op: str, configs: Mapping[str, dict[str, Any]], arrays: Mapping[str, Arrays] | None = None,
-             timeout_s: float | None = None) -> dict[str, Reply]:
+    def call(self, requests: Mapping[str, Request], arrays: Mapping[str, Arrays] | None = None,
+             timeout_s: float | None = None) -> dict[str, SiteReply]:
         arrays = arrays or {}
-        return self._exchange(op, {self.node_of[s]: (c, arrays.get(s)) for s, c in configs.items()}, timeout_s)
+        return self._exchange({self.node_of[s]: (r, arrays.get(s)) for s, r in requests.items()}, timeout_s)
 
-    def try_call(self, op: str, configs: Mapping[str, dict[str, Any]], arrays: Mapping[str, Arrays] | None = None,
+    def try_call(self, requests: Mapping[str, Request], arrays: Mapping[str, Arrays] | None = None,
                  timeout_s: float | None = None, on_reply: OnReply | None = None, expected_s: float | None = None
-                 ) -> tuple[dict[str, Reply], dict[str, str]]:
+                 ) -> tuple[dict[str, SiteReply], dict[str, SiteError]]:
         """Like :meth:`call` but returns (replies, errors) instead of raising when some sites fail.
 
-        ``on_reply(site, result, arrays)``, when given, is called for each successful reply as soon as it is
+        ``on_reply(site, reply, arrays)``, when given, is called for each successful reply as soon as it is
         pulled (so the server can aggregate an update and drop it before the next one arrives): a returned
         string makes it an error of that site; otherwise the reply is kept without its arrays.
         ``expected_s``: no reply is expected before 80 % of this many seconds (a round as long as the last one);
         until then replies are pulled only every IDLE_POLL_S.
         """
         arrays = arrays or {}
-        return self._exchange_tolerant(op, {self.node_of[s]: (c, arrays.get(s)) for s, c in configs.items()},
+        return self._exchange_tolerant({self.node_of[s]: (r, arrays.get(s)) for s, r in requests.items()},
                                        timeout_s, on_reply, expected_s)
 
-    def _exchange(self, op: str, payloads: Mapping[int, tuple[dict[str, Any], Arrays | None]],
-                  timeout_s: float | None) -> dict[str, Reply]:
-        replies, errors = self._exchange_tolerant(op, payloads, timeout_s)
+    def _exchange(self, payloads: Mapping[int, tuple[Request, Arrays | None]],
+                  timeout_s: float | None) -> dict[str, SiteReply]:
+        replies, errors = self._exchange_tolerant(payloads, timeout_s)
         if errors:
-            raise SiteFailure(op, errors)
+            raise SiteFailure(_op_of(payloads), errors)
         return replies
 
-    def _exchange_tolerant(self, op: str, payloads: Mapping[int, tuple[dict[str, Any], Arrays | None]],
+    def _exchange_tolerant(self, payloads: Mapping[int, tuple[Request, Arrays | None]],
                            timeout_s: float | None, on_reply: OnReply | None = None, expected_s: float | None = None
-                           ) -> tuple[dict[str, Reply], dict[str, str]]:
+                           ) -> tuple[dict[str, SiteReply], dict[str, SiteError]]:
         site_of = {n: s for s, n in self.node_of.items()}
         messages, sent_bytes = [], {}
+        request_of = {node: request for node, (request, _) in payloads.items()}
         packed: dict[int, PackedArrays] = {}  # sites sent the same arrays object share one packed copy
-        for node, (config, arrays) in payloads.items():
+        for node, (request, arrays) in payloads.items():
             if arrays and id(arrays) not in packed:
                 packed[id(arrays)] = PackedArrays.of(arrays)
-            body = {"op": op, "config": config}
-            if node in self.registered:
-                body["site"] = self.registered[node]  # the name of this node's key: the site checks it is its own
-            record = to_record(body, packed.get(id(arrays)))
+            # with registered keys, the name of this node's key: the site checks it is its own
+            record = to_record(request_body(request, self.registered.get(node)), packed.get(id(arrays)))
             sent_bytes[node] = record_nbytes(record)
             messages.append(Message(record, dst_node_id=node, message_type=self.message_type))
         if self.holds is not None:
@@ -154,8 +133,8 @@ class FlowerSiteCaller:
         started = time.monotonic()
         deadline = started + (timeout_s or self.timeout_s)
         quiet_until = started + 0.8 * (expected_s or 0.0)
-        replies: dict[str, Reply] = {}
-        errors: dict[str, str] = {}
+        replies: dict[str, SiteReply] = {}
+        errors: dict[str, SiteError] = {}
         while pending and time.monotonic() < deadline:
             holds = self.holds.outstanding if self.holds is not None else []
             batch = list(self.grid.pull_messages(list(pending) + holds))
@@ -171,33 +150,35 @@ class FlowerSiteCaller:
                     self.holds.replied(node, time.time())
                 name = self.registered.get(node) or site_of.get(node, f"node {node}")
                 if msg.has_error():
-                    lost = "node unavailable, " if msg.error.code == ErrorCode.NODE_UNAVAILABLE else ""
-                    errors[name] = f"{lost}Flower error {msg.error.code}: {msg.error.reason}"
+                    kind = _FLOWER_ERROR_KINDS.get(msg.error.code, ErrorKind.TRANSPORT)
+                    errors[name] = SiteError(f"Flower error {msg.error.code}: {msg.error.reason}", kind)
                     continue
                 try:
                     body, out = from_record(msg.content)
                 except LayoutError as err:
-                    errors[name] = f"malformed reply: {err}"
+                    errors[name] = SiteError(f"malformed reply: {err}", ErrorKind.MALFORMED_REPLY)
                     continue
-                site = str(body.get("result", {}).get("site") or name)
+                answer = read_reply(type(request_of[node]), body, name)
+                site = name if isinstance(answer, SiteError) else answer.site
                 if node in self.registered and site != name:
                     logger.warning("node %d (key of site %s) replied as site %r: refused", node, name, site)
-                    errors[name] = f"replied as site {site!r}, but its key is registered as {name!r}: refused"
+                    errors[name] = SiteError(f"replied as site {site!r}, but its key is registered as {name!r}: "
+                                             "refused", ErrorKind.REJECTED)
                     continue
-                if node not in site_of and body.get("ok"):
+                if node not in site_of and not isinstance(answer, SiteError):
                     self.node_of[site] = node
                     site_of[node] = site
                 self.traffic.add(site, sent_bytes[node], record_nbytes(msg.content))
                 self.exchange_times[site] = (pushed_at, time.time())
-                if not body.get("ok"):
-                    errors[site] = str(body.get("error", "unknown error"))
+                if isinstance(answer, SiteError):
+                    errors[site] = answer
                 elif on_reply is None:
-                    replies[site] = (body["result"], out)
-                elif (problem := on_reply(site, body["result"], out)) is not None:
+                    replies[site] = (answer, out)
+                elif (problem := on_reply(site, answer, out)) is not None:
                     errors[site] = problem
                 else:
-                    replies[site] = (body["result"], {})
-                del out, msg  # an update is dropped as soon as it has been used
+                    replies[site] = (answer, {})
+                del out, msg, answer  # an update is dropped as soon as it has been used
             if pending:
                 now = time.monotonic()
                 if replies or errors:
@@ -208,5 +189,10 @@ class FlowerSiteCaller:
                     pause = self.poll_s if now >= quiet_until else IDLE_POLL_S
                 time.sleep(pause)
         for node in pending.values():
-            errors[site_of.get(node, f"node {node}")] = f"no reply within {timeout_s or self.timeout_s:.0f} s"
+            errors[site_of.get(node, f"node {node}")] = SiteError(
+                f"no reply within {timeout_s or self.timeout_s:.0f} s", ErrorKind.TIMEOUT)
         return replies, errors
+
+
+def _op_of(payloads: Mapping[int, tuple[Request, Arrays | None]]) -> str:
+    return next(iter(payloads.values()))[0].OP.value if payloads else "operation"

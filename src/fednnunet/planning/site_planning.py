@@ -11,7 +11,6 @@ Nothing is left half-written: if planning or preprocessing fails, the previous f
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -19,23 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from fednnunet.atomic_files import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PLANNER = "ExperimentPlanner"
-
-
-def write_json_atomic(path: Path, content: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=4, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

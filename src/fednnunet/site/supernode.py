@@ -4,7 +4,7 @@ Why the worker owns it: the SuperNode only carries messages; the worker takes ev
 :mod:`fednnunet.site.serve`). A SuperNode that outlived its worker would accept the server's messages that nobody
 answers, and the server would wait for them until its round timeout; a worker without its SuperNode cannot reach
 the server. So the SuperNode is the worker's child: it is stopped when the worker ends, also when the worker is
-killed (the kernel sends it SIGTERM, see :func:`fednnunet.launch.die_with_parent`).
+killed (the kernel sends it SIGTERM, see :func:`fednnunet.processes.die_with_parent`).
 
 When the SuperNode is lost the worker notices it either way Flower 1.41 ends: the process exits (it could not
 join at its start: refused key, TLS failure, server unreachable for ``--max-wait-time``), or it gives up
@@ -12,19 +12,24 @@ reconnecting after it had joined (a request failed for ``--max-wait-time``): the
 reconnection", leaves its message loop and never contacts the server again, while the process stays (its Runtime
 API thread keeps it alive). :meth:`SuperNodeProcess.lost` tells both apart from a running node;
 :mod:`fednnunet.site.serve` decides whether to restart it or to end the worker.
+
+:func:`supernode_command` is the SuperNode's command line, here for the site and for the bench's floor of bare
+Flower (a stock SuperNode that runs each message's ClientApp itself).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fednnunet.launch import (die_with_parent, free_port, private_folder, remove_private_folder, supernode_command, tail,
-                              terminate_all, write_secret)
+from fednnunet.processes import (executable, free_port, private_folder, remove_private_folder, start_logged, tail,
+                                 terminate_all, tool_env, write_secret)
 
+#: Flower 1.41's SuperNode reports its state only in its log (no API tells whether it joined, gave up or was
+#: refused), so these lines of its log are read, and kept here alone; tests/test_rejoin.py and
+#: tests/test_identity.py fail if a Flower version words them otherwise. Its activation was refused:
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 #: Flower's lines: the node joined (activated at the server); a request gave up after --max-wait-time; a message
 #: that could not be received (after which Flower goes on: the only give-up that is not the end of the node)
@@ -38,8 +43,32 @@ _REASONS = (
      "given), or the server still counted this site's previous client as connected"),
     ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not signed by --tls-root"),
     ("SSL", "TLS handshake failed (wrong --tls-root, or the server does not use TLS)"),
-    ("Giving up reconnection", "the server cannot be reached (down, wrong address, or it requires TLS)"),
+    (GAVE_UP, "the server cannot be reached (down, wrong address, or it requires TLS)"),
 )
+
+
+def supernode_command(server: str, root_cert: Path | None = None, auth_key: Path | None = None,
+                      max_wait_s: float | None = None, secret_file: Path | None = None,
+                      runtime_port: int | None = None) -> list[str]:
+    """``flower-supernode`` connecting to the SuperLink at ``server`` (insecure without ``root_cert``).
+
+    With ``secret_file`` the SuperNode runs in ``--isolation process``: it starts no ClientApp and only the holder
+    of the secret (the site worker) can take its tasks from its Runtime API on 127.0.0.1:``runtime_port``.
+    Without, it is a stock SuperNode that runs each message's ClientApp itself (the bench's Flower floor).
+    """
+    cmd = [executable("flower-supernode"), "--superlink", server, "--host", "127.0.0.1",
+           "--port", str(runtime_port or free_port())]
+    if secret_file is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
+    if root_cert is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_cert)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    if max_wait_s is not None:
+        cmd += ["--max-wait-time", str(max_wait_s)]
+    return cmd
 
 
 @dataclass
@@ -76,14 +105,9 @@ class SuperNodeProcess:
     def start(self) -> "SuperNodeProcess":
         cmd = supernode_command(self.spec.superlink, self.spec.root_cert, self.spec.auth_key, self.spec.max_wait_s,
                                 self.secret_file, self.runtime_port)
-        env = dict(os.environ)
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._log_start = self.log.stat().st_size if self.log.exists() else 0
-        with self.log.open("ab") as f:
-            self.popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=env, start_new_session=True,
-                                          preexec_fn=die_with_parent if sys.platform == "linux" else None)
+        self.popen = start_logged(cmd, self.log, tool_env())
         return self
 
     def exit_code(self) -> int | None:

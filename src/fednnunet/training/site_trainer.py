@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from fednnunet.seeding import derive_seed, seed_everything
-from fednnunet.site.weights import (copy_in_place, live_state, load_unique_state, momentum_buffers, unique_state,
-                                   unwrap)
+from fednnunet.training.weights import (copy_in_place, live_state, load_unique_state, momentum_buffers,
+                                       unique_state, unwrap)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; importing nnunetv2 freezes its path variables
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -130,7 +130,7 @@ class SiteTrainer:
             epoch sees exactly the patches that epoch's own validation sees.
         local_best: let nnU-Net write ``checkpoint_best.pth`` by its local EMA pseudo-Dice (and its periodic
             ``checkpoint_latest.pth``) in ``on_epoch_end``, as ``nnUNetv2_train``. A federation passes False: its
-            best model is the best *delivered* model, written with :meth:`save_best` (see training_session).
+            best model is the best *delivered* model, written with :meth:`save_best` (see training.session).
 
     Raises:
         ValueError: bad fold, iteration or epoch numbers.

@@ -51,7 +51,7 @@ mirroring (``predict_cases`` default), for every method alike.
 
 Everything that imports nnU-Net with a method's roots runs in a subprocess (``nnunetv2.paths`` reads the
 variables once, at import): stock nnU-Net planning, ``fednnunet run ...``, and this module's own workers
-(``python -m fednnunet.benchmark.protocol train|predict SPEC.json``), which report progress as JSON lines.
+(``python -m fednnunet.evaluation.benchmark train|predict SPEC.json``), which report progress as JSON lines.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from fednnunet.atomic_files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -166,10 +168,7 @@ def pooled_splits(splits: dict[int, list[dict[str, list[str]]]]) -> list[dict[st
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 # ------------------------------------------------------------------------------------------------ progress
@@ -227,10 +226,10 @@ def _stream(cmd: list[str], env: dict[str, str], step: str, on_line: Callable[[s
     """Runs ``cmd``, feeding each output line to ``on_line``; raises BenchmarkError with the output's tail.
 
     The step is stopped with SIGTERM when the benchmark is interrupted or dies (even by SIGKILL: the kernel sends
-    it, see ``launch.die_with_parent``): a ``fednnunet run`` then stops its SuperLink, SuperNodes and workers,
+    it, see ``processes.die_with_parent``): a ``fednnunet run`` then stops its SuperLink, SuperNodes and workers,
     which a SIGKILL would leave running on their own.
     """
-    from fednnunet.launch import die_with_parent, terminate_all
+    from fednnunet.processes import die_with_parent, terminate_all
 
     logger.info("%s: %s", step, shlex.join(cmd))
     tail: deque[str] = deque(maxlen=40)
@@ -278,7 +277,7 @@ def _worker(kind: str, spec: dict, spec_file: Path, env: dict[str, str], step: s
         if text.startswith(_PROGRESS):
             on_event(json.loads(text[len(_PROGRESS):]))
 
-    _stream([sys.executable, "-m", "fednnunet.benchmark.protocol", kind, str(spec_file)], env, step, line,
+    _stream([sys.executable, "-m", "fednnunet.evaluation.benchmark", kind, str(spec_file)], env, step, line,
             spec_file.with_suffix(".log"))
 
 
@@ -681,7 +680,7 @@ def _emit(**event: Any) -> None:
 def _worker_train(spec: dict) -> None:
     """Trains each dataset alone with the budget (one process; nnU-Net's roots come from the environment)."""
     from fednnunet.seeding import derive_seed
-    from fednnunet.site.trainer import SiteTrainer
+    from fednnunet.training.site_trainer import SiteTrainer
 
     rounds, fold = spec["rounds"], spec["fold"]
     records: list[dict] = [{"round": r + 1, "rounds": rounds, "fold": fold, "sites": {}} for r in range(rounds)]
@@ -718,7 +717,7 @@ def _worker_predict(spec: dict) -> None:
 
 def _main(argv: Sequence[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("train", "predict"):
-        print("usage: python -m fednnunet.benchmark.protocol train|predict SPEC.json", file=sys.stderr)
+        print("usage: python -m fednnunet.evaluation.benchmark train|predict SPEC.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     spec = json.loads(Path(argv[1]).read_text())

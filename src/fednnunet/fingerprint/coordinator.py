@@ -1,4 +1,4 @@
-"""Server side of federated fingerprint extraction and planning, independent of the transport.
+"""Coordinator side of federated fingerprint extraction and planning, independent of the transport.
 
 Round trips (each one message to every site):
 1. ``describe``: dataset name, case count, dataset.json fields, per-case problems (which stop the job before
@@ -10,39 +10,32 @@ Round trips (each one message to every site):
 3. ``fingerprint_counts`` (one round for float32 data): bucket counts that finish the exact percentile search.
 4. ``fingerprint_apply``: every site writes the merged fingerprint and plans/preprocesses from it.
 So FFE costs four round trips whatever the dataset size. With ``asym`` each site extracts and plans locally
-(rounds 1 and 4 only). The transport is a :class:`SiteCaller`; Flower provides one, tests can provide another.
+(rounds 1 and 4 only). The transport is a :class:`~fednnunet.protocol.caller.SiteCaller`; Flower provides one,
+tests can provide another. The site's half of each round trip is in :mod:`.site_ops`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from pathlib import Path
+from typing import Any, Callable, Mapping, cast
 
 import numpy as np
 
+from fednnunet import __version__
+from fednnunet.atomic_files import write_json_atomic
+from fednnunet.federation.events import EventLog
+from fednnunet.federation.job import JobSpec
 from fednnunet.fingerprint.checks import FederationDataError, check_compatible
 from fednnunet.fingerprint.merge import SiteSummary, assemble_fingerprint, new_search, pooled_sample_dtype, search_dtype
 from fednnunet.fingerprint.order_stats import COARSE_BITS
+from fednnunet.protocol.caller import Arrays, SiteCaller, SiteReply
+from fednnunet.protocol.messages import (CountRequest, Describe, DescribeReply, FingerprintApply,
+                                         FingerprintApplyReply, FingerprintCounts, FingerprintSample,
+                                         FingerprintSampleReply, PlanSpec, SampleAhead)
 
 logger = logging.getLogger(__name__)
-
-Arrays = dict[str, np.ndarray]
-Reply = tuple[dict[str, Any], Arrays]
-
-
-class SiteCaller(Protocol):
-    """Sends one operation to sites and returns each site's result, raising if any site failed.
-
-    ``broadcast`` sends the same content to every connected site (and learns the site names on first use);
-    ``call`` sends each site its own content."""
-
-    sites: list[str]
-
-    def broadcast(self, op: str, config: dict[str, Any], arrays: Arrays | None = None) -> dict[str, Reply]: ...
-
-    def call(self, op: str, configs: Mapping[str, dict[str, Any]],
-             arrays: Mapping[str, Arrays] | None = None) -> dict[str, Reply]: ...
 
 
 @dataclass
@@ -53,6 +46,12 @@ class PlanRequest:
     planner: str = "ExperimentPlanner"
     gpu_memory_target_gb: dict[str, float] = field(default_factory=dict)  # per site ("*": all); empty: default
     num_processes: int = 1
+
+    def spec(self, gpu_memory_target_gb: float | None, global_num_cases: int | None) -> PlanSpec:
+        """The planning options one site gets (FFE: one GPU target and the pooled case count for all sites)."""
+        return PlanSpec(configurations=self.configurations, planner=self.planner,
+                        gpu_memory_target_gb=gpu_memory_target_gb, num_processes=self.num_processes,
+                        global_num_cases=global_num_cases)
 
 
 @dataclass
@@ -77,25 +76,23 @@ MAX_WARNINGS_SHOWN = 20
 
 
 def _describe(caller: SiteCaller, job: FingerprintJob,
-              warn: Callable[[str], None] = logger.warning) -> dict[str, dict[str, Any]]:
+              warn: Callable[[str], None] = logger.warning) -> dict[str, DescribeReply]:
     # FFE sites may sample with their own case count while Flower carries this reply and the sampling request
-    sample_ahead = None if job.asym else {"num_processes": job.num_processes}
-    replies = caller.broadcast("describe", {"check_cases": job.check_cases, "task": job.task,
-                                            "num_processes": job.num_processes, "sample_ahead": sample_ahead})
-    descs = {site: result for site, (result, _) in replies.items()}
+    sample_ahead = None if job.asym else SampleAhead(num_processes=job.num_processes)
+    replies = caller.broadcast(Describe(task=job.task, check_cases=job.check_cases, num_processes=job.num_processes,
+                                        sample_ahead=sample_ahead))
+    descs = {site: cast(DescribeReply, reply) for site, (reply, _) in replies.items()}
     for site, desc in descs.items():  # suspicious but legal data: shown, and the job goes on
-        shown = desc.get("warnings", [])
+        shown = desc.warnings
         for w in shown[:MAX_WARNINGS_SHOWN]:
             warn(w)
         if len(shown) > MAX_WARNINGS_SHOWN:
             warn(f"site {site}: {len(shown) - MAX_WARNINGS_SHOWN} more warning(s); `fednnunet check "
-                 f"{desc.get('dataset_name')}` at the site lists them all")
-    problems = [p for d in descs.values() for p in d.get("problems", [])]
+                 f"{desc.dataset_name}` at the site lists them all")
+    problems = [p for d in descs.values() for p in d.problems]
     if problems:
         raise FederationDataError("dataset problems found:\n  " + "\n  ".join(problems))
-    from fednnunet import __version__
-
-    wrong = {s: d.get("version") for s, d in descs.items() if d.get("version") != __version__}
+    wrong = {s: d.version for s, d in descs.items() if d.version != __version__}
     if wrong:
         raise FederationDataError(f"the server runs fednnunet {__version__}; sites on other versions: " +
                                   ", ".join(f"{s}: {v}" for s, v in wrong.items()))
@@ -152,13 +149,15 @@ def _exact_percentiles(caller: SiteCaller, summaries: list[SiteSummary], progres
                 for ch in range(num_channels)]
     rounds = 0
     while not all(search.done for _, search in searches):
-        requests, arrays, index = [], {}, []
+        requests: list[CountRequest] = []
+        arrays: Arrays = {}
+        index = []
         for ch, (_, search) in enumerate(searches):
             for lo, edges in search.requests():
                 arrays[f"edges_{len(requests)}"] = edges
-                requests.append({"channel": ch, "lo": int(lo)})
+                requests.append(CountRequest(channel=ch, lo=int(lo)))
                 index.append(ch)
-        replies = caller.broadcast("fingerprint_counts", {"key_space": str(key_space), "requests": requests}, arrays)
+        replies = caller.broadcast(FingerprintCounts(key_space=str(key_space), requests=requests), arrays)
         rounds += 1
         totals = [sum(np.asarray(out[f"counts_{i}"], dtype=np.int64) for _, out in replies.values())
                   for i in range(len(requests))]
@@ -174,47 +173,58 @@ def run_fingerprint_job(caller: SiteCaller, job: FingerprintJob, progress: Calla
     warnings (naming site and case)."""
     descs = _describe(caller, job, warn)
     trips = 1
-    total_cases = sum(int(d["num_cases"]) for d in descs.values())
-    progress("sites: " + ", ".join(f"{s} ({d['dataset_name']}, {d['num_cases']} cases)" for s, d in descs.items()))
+    total_cases = sum(d.num_cases for d in descs.values())
+    progress("sites: " + ", ".join(f"{s} ({d.dataset_name}, {d.num_cases} cases)" for s, d in descs.items()))
     gpu = _gpu_target(job.plan) if job.plan and not job.asym else None
 
     if job.asym:
-        configs = {}
+        requests = {}
         for site in caller.sites:
             plan = None
             if job.plan:
-                plan = {"configurations": job.plan.configurations, "planner": job.plan.planner,
-                        "gpu_memory_target_gb": job.plan.gpu_memory_target_gb.get(
-                            site, job.plan.gpu_memory_target_gb.get("*")),
-                        "num_processes": job.plan.num_processes, "global_num_cases": None}
-            configs[site] = {"fingerprint": None, "plan": plan, "num_processes": job.num_processes}
-        replies = caller.call("fingerprint_apply", configs)
+                targets = job.plan.gpu_memory_target_gb
+                plan = job.plan.spec(targets.get(site, targets.get("*")), None)
+            requests[site] = FingerprintApply(fingerprint=None, plan=plan, num_processes=job.num_processes)
+        replies = caller.call(requests)
         return FingerprintOutcome(None, _site_files(descs, replies), trips + 1)
 
-    replies = caller.broadcast("fingerprint_sample", {"global_num_cases": total_cases,
-                                                      "num_processes": job.num_processes})
+    replies = caller.broadcast(FingerprintSample(global_num_cases=total_cases, num_processes=job.num_processes))
     trips += 1
-    summaries = [SiteSummary.from_dict(site, result["summary"]) for site, (result, _) in replies.items()]
+    summaries = [SiteSummary.from_dict(site, cast(FingerprintSampleReply, reply).summary)
+                 for site, (reply, _) in replies.items()]
     progress(f"sampled {sum(c.count for s in summaries for c in s.channels[:1])} foreground voxels per channel "
              f"from {total_cases} cases")
     percentiles, search_rounds = _exact_percentiles(caller, summaries, progress,
                                                     {site: arrays for site, (_, arrays) in replies.items()})
     trips += search_rounds
     fingerprint = assemble_fingerprint(summaries, percentiles)
-    plan = None
-    if job.plan:
-        plan = {"configurations": job.plan.configurations, "planner": job.plan.planner,
-                "gpu_memory_target_gb": gpu, "num_processes": job.plan.num_processes,
-                "global_num_cases": total_cases}
-    replies = caller.broadcast("fingerprint_apply", {"fingerprint": fingerprint, "plan": plan,
-                                                     "num_processes": job.num_processes})
+    plan = job.plan.spec(gpu, total_cases) if job.plan else None
+    replies = caller.broadcast(FingerprintApply(fingerprint=fingerprint, plan=plan, num_processes=job.num_processes))
     trips += 1
     return FingerprintOutcome(fingerprint, _site_files(descs, replies), trips, gpu)
 
 
-def _site_files(descs: Mapping[str, dict[str, Any]], replies: Mapping[str, Reply]) -> dict[str, dict[str, Any]]:
+def _site_files(descs: Mapping[str, DescribeReply], replies: Mapping[str, SiteReply]) -> dict[str, dict[str, Any]]:
+    """Per site: its dataset and the files its ``fingerprint_apply`` wrote (the job's result.json lists them)."""
     out = {}
-    for site, (result, _) in replies.items():
-        out[site] = {"dataset_name": descs[site]["dataset_name"], "num_cases": descs[site]["num_cases"],
-                     **{k: v for k, v in result.items() if k.endswith("_file")}}
+    for site, (reply, _) in replies.items():
+        applied = cast(FingerprintApplyReply, reply)
+        files = {"fingerprint_file": applied.fingerprint_file, "plans_file": applied.plans_file}
+        out[site] = {"dataset_name": descs[site].dataset_name, "num_cases": descs[site].num_cases,
+                     **{k: v for k, v in files.items() if v is not None}}
     return out
+
+
+def run_fingerprint_task(job: JobSpec, caller: SiteCaller, events: EventLog) -> dict[str, Any]:
+    """The ``extract_fingerprint`` and ``plan_and_preprocess`` tasks of a job; the merged fingerprint is kept
+    beside the job's result as ``merged_fingerprint.json``."""
+    plan = None
+    if job.task == "plan_and_preprocess":
+        plan = PlanRequest(job.configurations, job.planner, dict(job.gpu_memory_target_gb), job.num_processes)
+    outcome = run_fingerprint_job(caller, FingerprintJob(job.asym, plan, job.num_processes, job.check_cases,
+                                                         job.task), events.info, lambda w: events.emit("warning", w))
+    out = Path(job.out_dir)
+    if outcome.fingerprint is not None:
+        write_json_atomic(out / "merged_fingerprint.json", outcome.fingerprint)
+    return {"sites": outcome.sites, "round_trips": outcome.round_trips,
+            "gpu_memory_target_gb": outcome.gpu_memory_target_gb}

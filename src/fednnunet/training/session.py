@@ -1,8 +1,10 @@
-"""The site side of federated training: one :class:`~fednnunet.site.trainer.SiteTrainer` per run and fold.
+"""The site side of federated training: one :class:`~fednnunet.training.site_trainer.SiteTrainer` per run and fold.
 
 Why a separate object (held by the site worker as ``worker.training``): the trainer (network, optimizer, data
 loaders) must outlive the per-message ClientApp processes, and the worker should stay a thin protocol layer. The
-session turns the server's three training messages into SiteTrainer calls:
+session turns the server's training requests (:mod:`fednnunet.protocol.messages`: ``TrainInit``, ``TrainRound``,
+``TrainValidateDelivered``, ``TrainFinish``) into SiteTrainer calls and their typed replies; every option comes
+from the request as the coordinator sent it (no default is restated here):
 
 * ``init``: build the trainer once (``--c``/resume -> continue from this site's own checkpoint), reply with the
   initial de-duplicated weights, the training-case count (the FedAvg weight) and the dataset's case count (the
@@ -11,7 +13,7 @@ session turns the server's three training messages into SiteTrainer calls:
   metadata, the alias keys of the full ``state_dict``);
 * ``round``: load the received weights into the live network (and the SGD momentum: kept, zeroed or the received
   average, ``--momentum``, aggregation/momentum.py), validate them with nnU-Net's online validation
-  when the server asks (the delivered model, see federation/delivered.py), run ``epochs_per_round`` nnU-Net
+  when the server asks (the delivered model, see training/delivered.py), run ``epochs_per_round`` nnU-Net
   epochs, reply with the weights (their change from the received ones: see aggregation/wire.py) and the epoch
   metrics; the
   worker then calls :meth:`TrainingSession.save_checkpoint` (``checkpoint_latest.pth``, so the site can resume)
@@ -37,11 +39,14 @@ import numpy as np
 
 from fednnunet.aggregation import (ModelSpec, delta_to_wire, from_wire, narrows, to_wire, validate_update,
                                    wire_spec)
-from fednnunet.aggregation.momentum import MOMENTUM_MODES, MOMENTUM_PREFIX, split_momentum
-from fednnunet.federation.delivered import BEST_PREFIX
+from fednnunet.aggregation.momentum import MOMENTUM_PREFIX, split_momentum
+from fednnunet.protocol.messages import (TrainFinish, TrainFinishReply, TrainInit, TrainInitReply, TrainRound,
+                                         TrainRoundReply, TrainValidate, TrainValidateDeliveredReply,
+                                         TrainValidateReply)
 from fednnunet.seeding import derive_seed
-from fednnunet.site.trainer import SiteTrainer, load_trainer_class
-from fednnunet.site.weights import unique_tensors, unwrap
+from fednnunet.training.delivered import BEST_PREFIX
+from fednnunet.training.site_trainer import SiteTrainer, load_trainer_class
+from fednnunet.training.weights import alias_map
 
 logger = logging.getLogger(__name__)
 
@@ -52,28 +57,6 @@ __all__ = ["TrainingSession", "validate_only"]
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def alias_map(network: Any) -> dict[str, str]:
-    """``state_dict`` key -> the de-duplicated key holding the same tensor, for every key, in order.
-
-    Why: the server only ever sees de-duplicated weights, but nnU-Net's predictor loads checkpoints with a strict
-    ``load_state_dict`` that needs the alias keys too. With this map the server can write a complete checkpoint.
-    """
-    unique = unique_tensors(network)
-    by_id = {id(t): k for k, t in unique.items()}
-    by_ptr = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)): k
-              for k, t in unique.items() if t.numel() > 0}
-    out: dict[str, str] = {}
-    for key, tensor in unwrap(network).state_dict(keep_vars=True).items():
-        if not hasattr(tensor, "shape"):
-            continue
-        canon = by_id.get(id(tensor))
-        if canon is None and tensor.numel() > 0:
-            canon = by_ptr.get((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)))
-        if canon is not None:
-            out[key] = canon
-    return out
 
 
 def _dataset_num_cases(nn_trainer: Any) -> int:
@@ -95,70 +78,68 @@ def _clean(value: Any) -> float | None:
 class TrainingSession:
     """One site's part of a federated training run (one fold); see the module docstring."""
 
-    def __init__(self, site: str, dataset: str, config: Mapping[str, Any]) -> None:
+    spec: ModelSpec  # what travels each round (names, shapes, dtypes): set by :meth:`describe`, the init reply
+
+    def __init__(self, site: str, dataset: str, request: TrainInit) -> None:
         self.site = site
-        self.config = dict(config)
-        rounds = config.get("rounds")
-        epochs_per_round = int(config.get("epochs_per_round", 1))
-        self.epochs_per_round = epochs_per_round
-        self.transfer_dtype = str(config.get("transfer_dtype", "float32"))
-        # how this site's SGD momentum meets the averaging (aggregation/momentum.py)
-        self.momentum = str(config.get("momentum", "local"))
-        if self.momentum not in MOMENTUM_MODES:
-            raise ValueError(f"momentum must be one of {', '.join(MOMENTUM_MODES)}, got {self.momentum!r}")
+        self.epochs_per_round = request.epochs_per_round
+        self.transfer_dtype = request.transfer_dtype
+        # how this site's SGD momentum meets the averaging (aggregation/momentum.py); one of MOMENTUM_MODES: the
+        # request's type (checked when it was decoded)
+        self.momentum = request.momentum
         self._checkpoint_due = False
         self.trainer = SiteTrainer(
-            dataset, config["configuration"], config.get("fold", 0),
-            trainer_name=config.get("trainer", "nnUNetTrainer"),
-            plans_identifier=config.get("plans", "nnUNetPlans"),
-            device=config.get("device", "cpu"),
-            pretrained_weights=config.get("pretrained_weights"),
-            continue_training=bool(config.get("continue_training")),
-            export_npz=bool(config.get("npz")),
-            disable_checkpointing=bool(config.get("disable_checkpointing")),
-            total_epochs=None if rounds is None else int(rounds) * epochs_per_round,
-            iterations_per_epoch=config.get("iterations_per_round"),
-            val_iterations=config.get("val_iterations"),
-            num_workers=config.get("da_workers"),
+            dataset, request.configuration, request.fold,
+            trainer_name=request.trainer,
+            plans_identifier=request.plans,
+            device=request.device,
+            pretrained_weights=request.pretrained_weights,
+            continue_training=request.continue_training,
+            export_npz=request.npz,
+            disable_checkpointing=request.disable_checkpointing,
+            total_epochs=None if request.rounds is None else request.rounds * request.epochs_per_round,
+            iterations_per_epoch=request.iterations_per_round,
+            val_iterations=request.val_iterations,
+            num_workers=request.da_workers,
             # every site draws its own stream of the run's seed (the same seed everywhere would give every site
             # the same patch positions and augmentations)
-            seed=None if config.get("seed") is None else derive_seed(int(config["seed"]), "site", site),
+            seed=None if request.seed is None else derive_seed(request.seed, "site", site),
             local_best=False,
         )
-        if not config.get("continue_training"):  # a best model of an earlier run in this folder is not this run's
+        if not request.continue_training:  # a best model of an earlier run in this folder is not this run's
             (self.trainer.output_folder / "checkpoint_best.pth").unlink(missing_ok=True)
 
-    def describe(self) -> tuple[dict[str, Any], Arrays]:
+    def describe(self) -> tuple[TrainInitReply, Arrays]:
         """The ``init`` reply: initial weights plus what the server needs to schedule and to write checkpoints."""
         t = self.trainer
         nn_trainer = t.trainer
         model_dir = t.output_folder.parent
         axes = getattr(nn_trainer, "inference_allowed_mirroring_axes", None)
-        info = {
-            "num_training_cases": t.num_training_cases,
-            "num_validation_cases": t.num_validation_cases,
-            "current_epoch": t.current_epoch,
-            "num_epochs": t.num_epochs,
-            "iterations_per_epoch": int(nn_trainer.num_iterations_per_epoch),
-            "build_seconds": t.build_seconds,
-            "output_folder": str(t.output_folder),
-            "trainer_name": type(nn_trainer).__name__,
-            "configuration": nn_trainer.configuration_name,
-            "fold": nn_trainer.fold,
-            "inference_allowed_mirroring_axes": None if axes is None else [int(a) for a in axes],
-            "plans": _read_json(model_dir / "plans.json"),
-            "dataset_json": _read_json(model_dir / "dataset.json"),
+        reply = TrainInitReply(
+            num_training_cases=t.num_training_cases,
+            num_validation_cases=t.num_validation_cases,
+            current_epoch=t.current_epoch,
+            num_epochs=t.num_epochs,
+            iterations_per_epoch=int(nn_trainer.num_iterations_per_epoch),
+            build_seconds=t.build_seconds,
+            output_folder=str(t.output_folder),
+            trainer_name=type(nn_trainer).__name__,
+            configuration=nn_trainer.configuration_name,
+            fold=nn_trainer.fold,
+            inference_allowed_mirroring_axes=None if axes is None else [int(a) for a in axes],
+            plans=_read_json(model_dir / "plans.json"),
+            dataset_json=_read_json(model_dir / "dataset.json"),
             # from the preprocessed folder: the merged fingerprint FFE wrote there (the coordinator bounds the FedAvg
             # weights with it, aggregation/site_weights.py) and the number of cases this site planned with
-            "dataset_fingerprint": _read_json(Path(nn_trainer.preprocessed_dataset_folder_base)
-                                              / "dataset_fingerprint.json"),
-            "dataset_num_cases": _dataset_num_cases(nn_trainer),
-            "state_keys": alias_map(nn_trainer.network),
-            "not_reproducible": t.not_reproducible,
-        }
+            dataset_fingerprint=_read_json(Path(nn_trainer.preprocessed_dataset_folder_base)
+                                           / "dataset_fingerprint.json"),
+            dataset_num_cases=_dataset_num_cases(nn_trainer),
+            state_keys=alias_map(nn_trainer.network),
+            not_reproducible=t.not_reproducible,
+        )
         weights = self._state(views=False)
         self.spec = ModelSpec.of(weights)
-        return info, weights
+        return reply, weights
 
     def _state(self, views: bool) -> Arrays:
         """What travels each round: the weights, and with ``--momentum average`` the SGD momentum buffers beside
@@ -169,14 +150,15 @@ class TrainingSession:
             state.update({MOMENTUM_PREFIX + k: m if views else m.copy() for k, m in t.momentum_views().items()})
         return state
 
-    def round(self, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], Arrays]:
-        """Load the round's weights (if any), train ``epochs_per_round`` epochs, reply weights and metrics.
+    def round(self, request: TrainRound, arrays: Mapping[str, np.ndarray]) -> tuple[TrainRoundReply, Arrays]:
+        """Load the round's weights (if any), train ``epochs_per_round`` epochs (or what remains of the schedule),
+        reply weights and metrics.
 
         The reply's arrays may be views of the live network: pack or copy them before it trains again."""
         t = self.trainer
-        epoch_end = config.get("epoch_end")
-        if epoch_end is not None and t.current_epoch >= int(epoch_end):
-            return self._replay(int(epoch_end))
+        epoch_end = request.epoch_end
+        if t.current_epoch >= epoch_end:
+            return self._replay(epoch_end)
         received = None
         if arrays:
             # What arrives from the network is checked like the server checks site updates: exactly this
@@ -193,20 +175,20 @@ class TrainingSession:
                 received = {}  # the reply needs no base: the message's bytes can go before the epoch
             if isinstance(arrays, dict):
                 arrays.clear()
-        delivered = self._validate() if received is not None and config.get("validate_delivered") else None
+        delivered = self._validate() if received is not None and request.validate_delivered else None
         remaining = t.num_epochs - t.current_epoch
-        epochs = min(int(config.get("epochs", self.epochs_per_round)), remaining)
+        epochs = min(self.epochs_per_round, remaining)
         if epochs < 1:
             raise RuntimeError(f"all {t.num_epochs} epochs are already done at this site")
         skipped = 0
-        if epoch_end is not None and t.current_epoch + epochs < int(epoch_end):
+        if t.current_epoch + epochs < epoch_end:
             # It missed rounds (left out, restarted from an older checkpoint): it trains the round's own epochs,
             # from the model the round delivered, so that its learning rate follows the federation's schedule.
-            skipped = int(epoch_end) - epochs - t.current_epoch
+            skipped = epoch_end - epochs - t.current_epoch
             logger.warning("site %s is at epoch %d, %d epoch(s) behind the round (it missed rounds or restarted "
                            "from an older checkpoint): it trains the round's epochs from the model it received",
                            self.site, t.current_epoch, skipped)
-            t.skip_to_epoch(int(epoch_end) - epochs)
+            t.skip_to_epoch(epoch_end - epochs)
         started = time.perf_counter()
         metrics: dict[str, Any] = {}
         compute = 0.0
@@ -228,8 +210,8 @@ class TrainingSession:
         # the model is copied once there (a copy here too would add one model to the worker's peak memory).
         state = self._state(views=True)
         if received is None:
-            return {"metrics": metrics}, to_wire(state, self.transfer_dtype)
-        return {"metrics": metrics, "delta": True}, delta_to_wire(state, received, self.transfer_dtype)
+            return TrainRoundReply(metrics=metrics), to_wire(state, self.transfer_dtype)
+        return TrainRoundReply(metrics=metrics, delta=True), delta_to_wire(state, received, self.transfer_dtype)
 
     def _validate(self) -> dict[str, Any]:
         report = self.trainer.validate_online()
@@ -238,11 +220,11 @@ class TrainingSession:
             report[key] = _clean(report[key])
         return report
 
-    def validate(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    def validate(self, arrays: Mapping[str, np.ndarray]) -> TrainValidateDeliveredReply:
         """The ``validate`` reply: nnU-Net's online validation of ``arrays`` (full precision, like ``finish``)."""
         validate_update(arrays, self.spec)
         self.trainer.set_weights(split_momentum(arrays)[0])
-        return {"delivered": self._validate()}
+        return TrainValidateDeliveredReply(delivered=self._validate())
 
     def save_checkpoint(self) -> None:
         """Write ``checkpoint_latest.pth`` if a round trained since the last write (lets this site resume its
@@ -251,7 +233,7 @@ class TrainingSession:
             self.trainer.save_latest()
             self._checkpoint_due = False
 
-    def _replay(self, epoch_end: int) -> tuple[dict[str, Any], Arrays]:
+    def _replay(self, epoch_end: int) -> tuple[TrainRoundReply, Arrays]:
         """Answer a round this site already trained before a crash, without training it again.
 
         Why: after a server crash, the site's ``checkpoint_latest.pth`` can be one round ahead of the server's
@@ -279,11 +261,11 @@ class TrainingSession:
                    "epoch": t.current_epoch, "epochs": 0, "replayed": True}
         logger.info("round ending at epoch %d was already trained here before a restart: replaying its weights",
                     epoch_end)
-        return {"metrics": metrics}, to_wire(self._state(views=False), self.transfer_dtype)
+        return TrainRoundReply(metrics=metrics), to_wire(self._state(views=False), self.transfer_dtype)
 
-    def finish(self, config: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    def finish(self, request: TrainFinish, arrays: Mapping[str, np.ndarray]) -> TrainFinishReply:
         """Write the final model as ``checkpoint_final.pth`` and run nnU-Net's final validation unless disabled."""
-        validate = bool(config.get("validate", True))
+        validate = request.validate
         best = {k[len(BEST_PREFIX):]: v for k, v in arrays.items() if k.startswith(BEST_PREFIX)}
         final = {k: v for k, v in arrays.items() if not k.startswith(BEST_PREFIX)}
         for model in (final, best):
@@ -291,17 +273,15 @@ class TrainingSession:
                 validate_update(model, self.spec)
         final, best = split_momentum(final)[0], split_momentum(best)[0]  # a checkpoint's optimizer is the site's
         # the federation's best delivered model: sent beside the final one, or the final one itself
-        best_weights = best or (final if config.get("best") == "final" else None)
+        best_weights = best or (final if request.best == "final" else None)
         if best_weights:
             self.trainer.save_best(best_weights)
         else:
             (self.trainer.output_folder / "checkpoint_best.pth").unlink(missing_ok=True)
-        folder = self.trainer.finish(final or None, validate=validate, best=bool(config.get("val_best")))
-        result: dict[str, Any] = {"output_folder": str(folder),
-                                  "checkpoint": str(folder / "checkpoint_final.pth")}
-        if validate:  # without validation an old summary would describe another model
-            result.update(_validation_result(folder))
-        return result
+        folder = self.trainer.finish(final or None, validate=validate, best=request.val_best)
+        # without validation an old summary would describe another model
+        return TrainFinishReply(output_folder=str(folder), checkpoint=str(folder / "checkpoint_final.pth"),
+                                **(_validation_result(folder) if validate else {}))
 
     def close(self) -> None:
         self.trainer.close()
@@ -309,8 +289,9 @@ class TrainingSession:
 
 def _validation_result(folder: Path) -> dict[str, Any]:
     """The final validation's ``summary.json``: its path, the foreground mean Dice, and the sums and counts the
-    coordinator pools into the cross-validation table (no per-case value leaves the site)."""
-    from fednnunet.evaluation.cv_aggregates import MetricSums
+    coordinator pools into the cross-validation table (no per-case value leaves the site); as the fields of a
+    :class:`TrainValidateReply` (none when there is no summary)."""
+    from fednnunet.cross_validation.aggregates import MetricSums
 
     summary = folder / "validation" / "summary.json"
     if not summary.is_file():
@@ -321,7 +302,7 @@ def _validation_result(folder: Path) -> dict[str, Any]:
             "validation_sums": MetricSums.of_summary(data).to_json()}
 
 
-def validate_only(dataset: str, config: Mapping[str, Any]) -> dict[str, Any]:
+def validate_only(dataset: str, request: TrainValidate) -> TrainValidateReply:
     """``nnUNetv2_train --val``: final validation of this site's existing ``checkpoint_final.pth`` (no training).
 
     Built directly from nnU-Net's ``maybe_load_checkpoint(validation_only=True)`` because a SiteTrainer would
@@ -336,15 +317,15 @@ def validate_only(dataset: str, config: Mapping[str, Any]) -> dict[str, Any]:
 
     name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)
     base = join(nnUNet_preprocessed.get(), name)
-    plans = load_json(join(base, config.get("plans", "nnUNetPlans") + ".json"))
+    plans = load_json(join(base, request.plans + ".json"))
     plans["continue_training"] = False  # nnU-Net 2.8's trainer pops this flag from the plans (see SiteTrainer)
-    fold = config.get("fold", 0)
-    fold = fold if fold == "all" else int(fold)
-    trainer = load_trainer_class(config.get("trainer", "nnUNetTrainer"))(
-        plans=plans, configuration=config["configuration"], fold=fold,
-        dataset_json=load_json(join(base, "dataset.json")), device=torch.device(config.get("device", "cpu")))
+    fold = request.fold if request.fold == "all" else int(request.fold)
+    trainer = load_trainer_class(request.trainer)(
+        plans=plans, configuration=request.configuration, fold=fold,
+        dataset_json=load_json(join(base, "dataset.json")), device=torch.device(request.device))
     maybe_load_checkpoint(trainer, False, True, None)
-    if config.get("val_best"):
+    if request.val_best:
         trainer.load_checkpoint(join(trainer.output_folder, "checkpoint_best.pth"))
-    trainer.perform_actual_validation(bool(config.get("npz")))
-    return {"output_folder": str(trainer.output_folder), **_validation_result(Path(trainer.output_folder))}
+    trainer.perform_actual_validation(request.npz)
+    return TrainValidateReply(output_folder=str(trainer.output_folder),
+                              **_validation_result(Path(trainer.output_folder)))

@@ -1,17 +1,20 @@
-"""The site side of federated ``nnUNetv2_find_best_configuration``: evaluate here, decide at the server.
+"""The site half of federated ``nnUNetv2_find_best_configuration``: evaluate here, decide at the coordinator.
 
-The server (``fednnunet.federation.best_configuration``) asks every site three things:
+The coordinator (:mod:`fednnunet.cross_validation.coordinator`) asks every site three things (the requests of
+:mod:`fednnunet.protocol.messages`, handed here by :mod:`fednnunet.cross_validation.site_ops`):
 
-1. ``evaluate``: gather the cross-validation predictions that the final validations of the requested folds wrote
-   (``<model>/crossval_results_folds_X``, as ``accumulate_cv_results``), ensemble every pair of models from their
-   ``--npz`` probabilities (``ensembles/ensemble___A___B___X``, as ``ensemble_crossvalidations``), score each with
-   nnU-Net's ``compute_metrics`` and reply only :class:`~fednnunet.evaluation.cv_aggregates.MetricSums`;
-2. ``postprocess`` once per step of nnU-Net's postprocessing search (all foreground, then every class when there
-   are several): apply nnU-Net's ``remove_all_but_largest_component_from_segmentation`` to the current
-   predictions of the chosen model or ensemble and reply the sums of the result; the next request says whether the
-   pooled result kept that step (then it becomes the current predictions, as in ``determine_postprocessing``);
-3. ``finish``: write what ``nnUNetv2_find_best_configuration`` writes, with nnU-Net's functions, from the
-   server's decisions: ``postprocessed/``, ``postprocessing.pkl`` (pickled here: nothing received is ever
+1. ``evaluate`` (``CvEvaluate``): gather the cross-validation predictions that the final validations of the
+   requested folds wrote (``<model>/crossval_results_folds_X``, as ``accumulate_cv_results``), ensemble every pair
+   of models from their ``--npz`` probabilities (``ensembles/ensemble___A___B___X``, as
+   ``ensemble_crossvalidations``), score each with nnU-Net's ``compute_metrics`` and reply only
+   :class:`~fednnunet.cross_validation.aggregates.MetricSums`;
+2. ``postprocess`` (``CvPostprocess``) once per step of nnU-Net's postprocessing search (all foreground, then
+   every class when there are several): apply nnU-Net's ``remove_all_but_largest_component_from_segmentation`` to
+   the current predictions of the chosen model or ensemble and reply the sums of the result; the next request says
+   whether the pooled result kept that step (then it becomes the current predictions, as in
+   ``determine_postprocessing``);
+3. ``finish`` (``CvFinish``): write what ``nnUNetv2_find_best_configuration`` writes, with nnU-Net's functions,
+   from the server's decisions: ``postprocessed/``, ``postprocessing.pkl`` (pickled here: nothing received is ever
    unpickled), ``postprocessing.json``, ``inference_information.json`` and ``inference_instructions.txt``
    (nnU-Net's ``print_inference_instructions``), so the printed ``nnUNetv2_predict`` / ``nnUNetv2_ensemble`` /
    ``nnUNetv2_apply_postprocessing`` commands work at this site as they are.
@@ -34,13 +37,15 @@ import logging
 import multiprocessing
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fednnunet.evaluation.cv_aggregates import MetricSums, json_number, selected_models
-from fednnunet.planning.site_planning import write_json_atomic
+from fednnunet.atomic_files import write_json_atomic
+from fednnunet.cross_validation.aggregates import MetricSums, json_number, selected_models
+from fednnunet.protocol.messages import (Candidate, CvEvaluate, CvEvaluateReply, CvFinish, CvFinishReply,
+                                         CvPostprocess, CvPostprocessReply)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +67,7 @@ def starmap(fn: Callable[..., Any], args: Sequence[tuple], num_processes: int) -
 
 
 @dataclass
-class Candidate:
+class ScoredCandidate:
     """A model or an ensemble of two, by nnU-Net's identifier, with the folder of its cross-validation
     predictions here and their sums."""
 
@@ -75,25 +80,24 @@ class Candidate:
 class SiteCrossValidation:
     """One site's part of a federated find_best_configuration run (held by the worker between requests)."""
 
-    def __init__(self, site: str, dataset: str, config: Mapping[str, Any]) -> None:
+    def __init__(self, site: str, dataset: str, request: CvEvaluate) -> None:
         from nnunetv2.configuration import default_num_processes
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
         self.site = site
         self.dataset_name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)
-        self.trainers = [str(t) for t in config.get("trainers", ["nnUNetTrainer"])]
-        self.configurations = [str(c) for c in config["configurations"]]
-        self.plans = [str(p) for p in config.get("plans", ["nnUNetPlans"])]
-        self.folds = [int(f) for f in config["folds"]]
-        self.allow_ensembling = bool(config.get("allow_ensembling", True))
-        num_processes = config.get("num_processes")
-        self.num_processes = int(default_num_processes if num_processes is None else num_processes)
-        self.overwrite = bool(config.get("overwrite", True))
+        self.trainers = list(request.trainers)
+        self.configurations = list(request.configurations)
+        self.plans = list(request.plans)
+        self.folds = list(request.folds)
+        self.allow_ensembling = request.allow_ensembling
+        self.num_processes = int(default_num_processes if request.num_processes is None else request.num_processes)
+        self.overwrite = request.overwrite
         self.share_per_case = os.environ.get(SHARE_PER_CASE_ENV, "") == "1"
         self.models: list[dict[str, str]] = []
-        self.candidates: dict[str, Candidate] = {}
+        self.candidates: dict[str, ScoredCandidate] = {}
         # postprocessing search state (determine_postprocessing's ``source`` and its pending step)
-        self._best: Candidate | None = None
+        self._best: ScoredCandidate | None = None
         self._source: Path | None = None
         self._pending: tuple[int, Path, dict[str, Any]] | None = None
         self._kept: list[dict[str, Any]] = []
@@ -149,7 +153,7 @@ class SiteCrossValidation:
         return sums, cases
 
     # --- 1. evaluate -----------------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self) -> CvEvaluateReply:
         from copy import deepcopy
 
         from nnunetv2.evaluation.find_best_configuration import (dumb_trainer_config_plans_to_trained_models_dict,
@@ -183,17 +187,14 @@ class SiteCrossValidation:
                     self._add(key, out, self._gt_segmentations(), setup)
         _, labels, _ = self._label_setup(folders[0])
         regions = labels.foreground_regions if labels.has_regions else labels.foreground_labels
-        reply: dict[str, Any] = {
-            "dataset_name": self.dataset_name, "models": self.models,
-            "classes": [label_or_region_to_key(r) for r in regions],
-            "candidates": [{"key": c.key, "sums": c.sums.to_json()} for c in self.candidates.values()]}
-        if self.share_per_case:
-            reply["per_case"] = {c.key: c.per_case for c in self.candidates.values()}
-        return reply
+        return CvEvaluateReply(
+            dataset_name=self.dataset_name, models=self.models, classes=[label_or_region_to_key(r) for r in regions],
+            candidates=[Candidate(key=c.key, sums=c.sums.to_json()) for c in self.candidates.values()],
+            per_case={c.key: c.per_case for c in self.candidates.values()} if self.share_per_case else None)
 
     def _add(self, key: str, folder: Path, reference: Path, setup: tuple[Any, Any, dict[str, Any]]) -> None:
         sums, cases = self._evaluate_folder(reference, folder, setup)
-        self.candidates[key] = Candidate(key, folder, sums, cases)
+        self.candidates[key] = ScoredCandidate(key, folder, sums, cases)
         logger.info("site %s: %s: %d case(s), foreground mean Dice %.4f", self.site, key, sums.num_cases, sums.dice())
 
     def _accumulate(self, model_folder: Path, merged: Path, file_ending: str) -> None:
@@ -266,20 +267,20 @@ class SiteCrossValidation:
             steps += [(label_or_region_to_key(r), {"labels_or_regions": r}) for r in regions]
         return steps
 
-    def postprocess(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        """Try step ``config['step']`` on the current predictions; ``keep_previous`` settles the step before."""
+    def postprocess(self, request: CvPostprocess) -> CvPostprocessReply:
+        """Try step ``request.step`` on the current predictions; ``keep_previous`` settles the step before."""
         from nnunetv2.postprocessing.remove_connected_components import (
             load_postprocess_save, remove_all_but_largest_component_from_segmentation)
 
-        step = int(config["step"])
+        step = request.step
         if step == 0:
-            best = self.candidates.get(str(config["candidate"]))
+            best = self.candidates.get(request.candidate)
             if best is None:
-                raise RuntimeError(f"unknown model or ensemble {config['candidate']!r}")
+                raise RuntimeError(f"unknown model or ensemble {request.candidate!r}")
             self._best, self._source, self._pending, self._kept, self._decided = best, best.folder, None, [], []
             shutil.rmtree(best.folder / "postprocessed" / _TEMP, ignore_errors=True)
         else:
-            self._settle(config.get("keep_previous"), step - 1)
+            self._settle(request.keep_previous, step - 1)
         best = self._best
         if best is None or self._source is None:
             raise RuntimeError("postprocessing step requested before its first step")
@@ -300,9 +301,9 @@ class SiteCrossValidation:
                 self.num_processes)
         sums, _ = self._evaluate_folder(self._gt_segmentations(), out, setup)
         self._pending = (step, out, kwargs)
-        return {"step": step, "target": target, "steps": [s for s, _ in steps], "sums": sums.to_json()}
+        return CvPostprocessReply(step=step, target=target, steps=[s for s, _ in steps], sums=sums.to_json())
 
-    def _settle(self, keep: Any, step: int) -> None:
+    def _settle(self, keep: bool | None, step: int) -> None:
         """The server's decision on the pending step: kept predictions become the current ones."""
         if self._pending is None or self._pending[0] != step:
             raise RuntimeError(f"no pending postprocessing step {step} to settle")
@@ -322,7 +323,7 @@ class SiteCrossValidation:
         self._kept.append(kwargs)
 
     # --- 3. write nnU-Net's files ------------------------------------------------------------------------------
-    def finish(self, decision: Mapping[str, Any]) -> dict[str, Any]:
+    def finish(self, decision: CvFinish) -> CvFinishReply:
         from batchgenerators.utilities.file_and_folder_operations import save_json, save_pickle
         from nnunetv2.evaluation.find_best_configuration import print_inference_instructions
         from nnunetv2.postprocessing.remove_connected_components import (
@@ -330,13 +331,13 @@ class SiteCrossValidation:
         from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 
         best = self._best
-        if best is None or best.key != decision.get("best"):
-            raise RuntimeError(f"the server chose {decision.get('best')!r}, but this site searched the "
+        if best is None or best.key != decision.best:
+            raise RuntimeError(f"the server chose {decision.best!r}, but this site searched the "
                                f"postprocessing of {best.key if best else 'nothing'}")
-        self._settle(decision.get("keep_last"), len(self._decided))
-        if self._decided != list(decision.get("kept", [])):
+        self._settle(decision.keep_last, len(self._decided))
+        if self._decided != decision.kept:
             raise RuntimeError(f"postprocessing decisions differ: this site settled {self._decided}, the server "
-                               f"decided {decision.get('kept')}")
+                               f"decided {decision.kept}")
         assert self._source is not None
         output_folder = best.folder / "postprocessed"
         for p in self._source.iterdir():  # as determine_postprocessing: every file of the final predictions
@@ -345,7 +346,7 @@ class SiteCrossValidation:
         fns = [remove_all_but_largest_component_from_segmentation] * len(self._kept)
         pkl = best.folder / "postprocessing.pkl"
         save_pickle((fns, list(self._kept)), str(pkl))
-        record = {"input_folder": decision["before"], "postprocessed": decision["after"],
+        record = {"input_folder": decision.before, "postprocessed": decision.after,
                   "postprocessing_fns": [f.__name__ for f in fns], "postprocessing_kwargs": list(self._kept)}
         recursive_fix_for_json_export(record)
         save_json(record, str(best.folder / "postprocessing.json"))
@@ -353,10 +354,10 @@ class SiteCrossValidation:
 
         info = {
             "folds": list(self.folds), "dataset_name_or_id": self.dataset_name, "considered_models": self.models,
-            "ensembling_allowed": self.allow_ensembling, "all_results": dict(decision["all_results"]),
+            "ensembling_allowed": self.allow_ensembling, "all_results": dict(decision.all_results),
             "best_model_or_ensemble": {
-                "result_on_crossval_pre_pp": decision["result_on_crossval_pre_pp"],
-                "result_on_crossval_post_pp": decision["result_on_crossval_post_pp"],
+                "result_on_crossval_pre_pp": decision.result_on_crossval_pre_pp,
+                "result_on_crossval_post_pp": decision.result_on_crossval_post_pp,
                 "postprocessing_file": str(pkl), "some_plans_file": str(best.folder / "plans.json"),
                 "selected_model_or_models": selected_models(best.key)}}
         results = self._results()
@@ -364,7 +365,8 @@ class SiteCrossValidation:
         instructions = results / "inference_instructions.txt"
         print_inference_instructions(info, instructions_file=str(instructions))
         federated = results / FEDERATED_DECISION_FILE
-        write_json_atomic(federated, {"site": self.site, **decision})
-        return {"dataset_name": self.dataset_name, "inference_information": str(results / "inference_information.json"),
-                "instructions_file": str(instructions), "instructions": instructions.read_text(),
-                "postprocessing_file": str(pkl), "federated_decision": str(federated)}
+        write_json_atomic(federated, {"site": self.site, **asdict(decision)})
+        return CvFinishReply(dataset_name=self.dataset_name,
+                             inference_information=str(results / "inference_information.json"),
+                             instructions_file=str(instructions), instructions=instructions.read_text(),
+                             postprocessing_file=str(pkl), federated_decision=str(federated))

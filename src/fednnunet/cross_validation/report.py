@@ -1,6 +1,6 @@
 """Cross-validation results at the coordinator: every site's summary and the pooled one, as JSON and a table.
 
-Sites send :class:`~fednnunet.evaluation.cv_aggregates.MetricSums` (after federated training: of their final
+Sites send :class:`~fednnunet.cross_validation.aggregates.MetricSums` (after federated training: of their final
 validation's ``summary.json``; in find_best_configuration: of every model and ensemble). Each row of the report is
 one thing that was validated (a fold, all folds, a model, an ensemble) with nnU-Net's summary figures (per class
 means of Dice, IoU, TP, FP, FN, TN, n_pred, n_ref and their foreground mean) for the pooled cases and per site, so
@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from fednnunet.evaluation.cv_aggregates import AggregateError, MetricSums
+from fednnunet.cross_validation.aggregates import AggregateError, MetricSums
 
 logger = logging.getLogger(__name__)
 

@@ -1,39 +1,34 @@
-"""Starting the federation's real Flower processes: the server side, one site, or both on one machine.
+"""The coordinator's processes: a Flower SuperLink on 127.0.0.1 that executes only the runs this server submits,
+and for ``fednnunet server`` the gateway that serves the sites.
 
-- :class:`ServerNode`: a Flower SuperLink on 127.0.0.1 that executes only the runs this server submits (with
-  ``flwr run``; it follows each until its ``result.json`` appears), and for ``fednnunet server`` the gateway
-  that serves the sites (TLS, Fleet API only).
-- :class:`SiteNode`: one site's worker process and its Flower SuperNode, from which the worker takes its tasks.
-- :class:`LocalFederation`: a ServerNode and one SiteNode per dataset on loopback (``fednnunet run``).
-Every process gets its own session so that its whole tree is stopped on exit, on failure and on Ctrl-C.
+- :class:`ServerNode` starts them, registers the sites' keys (Flower SuperNode authentication), submits a job
+  with ``flwr run``, executes that run (and no other) in this process and follows it until its ``result.json``.
+- :class:`ServerTLS`: the files of ``fednnunet certs`` that the server uses.
+- :class:`FederationError`: a job or the coordinator failed; its message is for a person.
+
+Server side only: a hospital's process never imports it (the tools both share are in :mod:`fednnunet.processes`).
 """
 
 from __future__ import annotations
 
-import atexit
-import ipaddress
 import json
 import logging
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from fednnunet.federation.job import JobSpec
 from fednnunet.federation.runner import EVENTS_FILE, read_result
 from fednnunet.flower.app_bundle import app_dir
-from fednnunet.planning.site_planning import write_json_atomic
+from fednnunet.atomic_files import write_json_atomic
+from fednnunet.processes import (ProcessGroup, executable, free_port, is_loopback, make_private, private_folder,
+                                 remove_private_folder, wait_listening, write_secret)
 
 if TYPE_CHECKING:
     from fednnunet.flower.own_runs import OwnRuns
@@ -55,66 +50,6 @@ class FederationError(RuntimeError):
 EXPECTED_JOB_ERRORS: tuple[type[Exception], ...] = (ValueError, TimeoutError, FederationError)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"address {address!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def _bin(name: str) -> str:
-    """An executable of this environment (the venv's bin folder first, then PATH)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
-
-
-_private_folders: set[Path] = set()
-
-
-def private_folder(prefix: str) -> Path:
-    """A new folder for secrets and keys, readable by this user only (mode 0700), removed when this process ends.
-
-    Why a registry and not only the owner's ``stop()``: a site worker ends by SIGTERM through the signal's default
-    action (see :func:`fednnunet.site.worker.install_sigterm_handling`), which runs no ``finally`` and no atexit;
-    it calls :func:`remove_private_folders` first, so no SuperExec secret is left behind in the temp folder.
-    """
-    path = Path(tempfile.mkdtemp(prefix=prefix))
-    _private_folders.add(path)
-    return path
-
-
-def remove_private_folder(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    _private_folders.discard(path)
-
-
-def remove_private_folders() -> None:
-    """Remove every folder :func:`private_folder` made in this process (at exit, and before dying of a signal)."""
-    for path in list(_private_folders):
-        remove_private_folder(path)
-
-
-atexit.register(remove_private_folders)
-
-
-#: Coordinator state that must be this user's only: created with this umask (folders 0700, files 0600) by the
-#: coordinator and everything it starts (the SuperLink creates its database with the process umask).
-PRIVATE_UMASK = 0o077
 #: Beside the SuperLink's database: which node id each registered site key got (``ServerNode.register_sites``).
 SITE_NODES_FILE = "site_nodes.json"
 
@@ -125,54 +60,6 @@ def _key_blob(public_key: Path) -> str:
     if len(fields) < 2:
         raise FederationError(f"{public_key} is not an OpenSSH public key")
     return fields[1]
-
-
-def make_private(folder: Path) -> Path:
-    """``folder`` (created if needed) readable and writable by this user only (0700)."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
-    return folder
-
-
-def write_secret(folder: Path) -> Path:
-    """A new random SuperExec auth secret in ``folder`` (made private: mode 0700), readable by this user only."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
-    path = folder / "superexec.secret"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(32))
-    return path
-
-
-def supernode_command(server: str, root_cert: Path | None = None, auth_key: Path | None = None,
-                      max_wait_s: float | None = None, secret_file: Path | None = None,
-                      runtime_port: int | None = None) -> list[str]:
-    """``flower-supernode`` connecting to the SuperLink at ``server`` (insecure without ``root_cert``).
-
-    With ``secret_file`` the SuperNode runs in ``--isolation process``: it starts no ClientApp and only the holder
-    of the secret (the site worker) can take its tasks from its Runtime API on 127.0.0.1:``runtime_port``.
-    Without, it is a stock SuperNode that runs each message's ClientApp itself (the bench's Flower floor).
-    """
-    cmd = [_bin("flower-supernode"), "--superlink", server, "--host", "127.0.0.1",
-           "--port", str(runtime_port or free_port())]
-    if secret_file is not None:
-        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
-    if root_cert is None:
-        cmd.append("--insecure")
-    else:
-        cmd += ["--root-certificates", str(root_cert)]
-    if auth_key is not None:
-        cmd += ["--auth-supernode-private-key", str(auth_key)]
-    if max_wait_s is not None:
-        cmd += ["--max-wait-time", str(max_wait_s)]
-    return cmd
-
-
-@dataclass
-class Site:
-    name: str
-    dataset: str
 
 
 @dataclass
@@ -208,83 +95,16 @@ class ServerTLS:
                                   "`fednnunet certs`)")
 
 
-@dataclass
-class _Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
+def _registered_node(res: subprocess.CompletedProcess) -> int | None:
+    """The node id that ``flwr supernode register --format json`` reports, or None when it registered nothing.
 
-
-class StartStop:
-    """``with X(...) as x:`` starts on entry (stopping what did start if starting fails) and stops on exit."""
-
-    def start(self) -> "StartStop":
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self):  # noqa: ANN204 - returns the started object itself
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class ProcessGroup(StartStop):
-    """Processes started for one role, each logged to ``workdir/logs/<name>.log`` and stopped together."""
-
-    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.workdir = Path(workdir).resolve()
-        self.logs = self.workdir / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.flwr_home = self.workdir / "flwr_home"
-        self.extra_env = dict(extra_env or {})
-        self._procs: list[_Proc] = []
-
-    def env(self, home: str) -> dict[str, str]:
-        env = dict(os.environ)
-        # Flower's processes start helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env["FLWR_HOME"] = str(self.flwr_home / home)
-        env.update(self.extra_env)
-        (self.flwr_home / home).mkdir(parents=True, exist_ok=True)
-        return env
-
-    def start_process(self, name: str, cmd: list[str], env: dict[str, str]) -> _Proc:
-        log = self.logs / f"{name}.log"
-        with log.open("ab") as f:
-            popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True,
-                                     preexec_fn=die_with_parent if sys.platform == "linux" else None)
-        proc = _Proc(name, popen, log)
-        self._procs.append(proc)
-        logger.debug("started %s (pid %d): %s", name, popen.pid, " ".join(cmd))
-        return proc
-
-    def check_alive(self) -> None:
-        for p in self._procs:
-            code = p.popen.poll()
-            if code is not None:
-                raise FederationError(f"{p.name} exited with code {code}; last log lines:\n{tail(p.log)}")
-
-    def stop(self) -> None:
-        terminate_all([p.popen for p in reversed(self._procs)])
-        self._procs.clear()
-
-
-def wait_listening(group: ProcessGroup, host: str, port: int, what: str, timeout_s: float = 60.0) -> None:
-    """Wait until ``host:port`` accepts connections; fail early if a process of ``group`` died."""
-    deadline = time.monotonic() + timeout_s
-    while not _port_open(host, port):
-        group.check_alive()
-        if time.monotonic() > deadline:
-            raise FederationError(f"{what} not listening on {host}:{port} after {timeout_s:.0f} s")
-        time.sleep(0.1)
+    Decided by the JSON reply alone, never by Flower's wording: a key already registered (by this server before a
+    restart) gets an error reply like any other refusal; :meth:`ServerNode.register_sites` tells them apart by the
+    node ids this server recorded itself."""
+    try:
+        return int(json.loads(res.stdout)["node-id"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _abandon(grid: Any) -> None:  # noqa: ANN401 - Flower's HttpGrid
@@ -309,15 +129,15 @@ class ServerNode(ProcessGroup):
       (:mod:`fednnunet.security.gateway`): TLS with ``tls``'s server certificate and the Fleet API only. With
       ``tls`` the SuperLink authenticates SuperNodes (the keys of ``tls/sites/`` are registered over loopback) and,
       as Flower requires TLS for that, serves its loopback port with a certificate made for this start.
-    * ``flower_executes=True``: a stock SuperLink that runs every submitted ServerApp itself (the bench's floor
-      of bare Flower only).
+    * It executes the runs submitted through it, in this process, and no other (:meth:`_execution`); the bench's
+      :class:`fednnunet.bench.flower_floor.StockServerNode` instead lets the SuperLink run every ServerApp itself.
     * ``database``: the SuperLink keeps its state there (Flower's ``--database``), so a server restarted with
       ``--resume`` knows the sites' nodes and their SuperNodes reconnect by themselves.
     """
 
     def __init__(self, workdir: Path, public: tuple[str, int] | None = None, tls: ServerTLS | None = None,
                  on_event: Callable[[dict], None] = lambda e: None, insecure: bool = False,
-                 flower_executes: bool = False, database: Path | None = None) -> None:
+                 database: Path | None = None) -> None:
         super().__init__(workdir)
         if public is not None and tls is None and not insecure and not is_loopback(public[0]):
             raise FederationError(f"refusing to serve {public[0]} without TLS: pass --tls-dir (or --insecure to "
@@ -326,7 +146,6 @@ class ServerNode(ProcessGroup):
         self.port = free_port()  # the SuperLink's, on 127.0.0.1
         self.tls = tls
         self.on_event = on_event
-        self.flower_executes = flower_executes
         self.database = database
         self.loopback_tls: Path | None = None
         self.own_runs: OwnRuns | None = None
@@ -345,7 +164,7 @@ class ServerNode(ProcessGroup):
         return f"{host}:{port}"
 
     def start(self) -> "ServerNode":
-        cmd = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [executable("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                "--disable-runtime-dependency-installation"]
         make_private(self.workdir)
         if self.database is not None:  # registered site keys keep their node ids when the server restarts
@@ -355,10 +174,8 @@ class ServerNode(ProcessGroup):
             for path in self.database.parent.glob(self.database.name + "*"):
                 os.chmod(path, 0o600)
             cmd += ["--database", str(self.database)]
-        secret = None
-        if not self.flower_executes:
-            secret = write_secret(self.private)
-            cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+        execution, secret = self._execution()
+        cmd += execution
         if self.tls is None:
             cmd.append("--insecure")
         else:
@@ -379,6 +196,13 @@ class ServerNode(ProcessGroup):
         if self.public is not None:
             self._start_gateway()
         return self
+
+    def _execution(self) -> tuple[list[str], Path | None]:
+        """The SuperLink's flags for who executes the submitted runs, and the SuperExec secret of the runs this
+        object executes itself: ``--isolation process`` with a new secret that only this process holds, so that
+        the SuperLink runs no ServerApp and this object claims its own runs (:meth:`_start_own_runs`)."""
+        secret = write_secret(self.private)
+        return ["--isolation", "process", "--superexec-auth-secret-file", str(secret)], secret
 
     def exposure(self) -> list[str]:
         """What is reachable where, for people (``fednnunet server`` prints it)."""
@@ -419,7 +243,7 @@ class ServerNode(ProcessGroup):
 
     def _execute_work(self, claimed, work: Callable[[Any], None]) -> None:  # noqa: ANN001 - a ClaimedTask
         from fednnunet.flower.runtime_tasks import SubStatus
-        from fednnunet.flower.site_caller import SiteFailure
+        from fednnunet.protocol.caller import SiteFailure
 
         status, details = SubStatus.FAILED, "the job failed"
         try:
@@ -478,11 +302,11 @@ class ServerNode(ProcessGroup):
         for name, key in public_keys.items():
             blob = _key_blob(key)
             res = self.flwr("supernode", "register", str(key), "server", "--name", name, "--format", "json")
-            try:
-                known[blob] = int(json.loads(res.stdout)["node-id"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                if blob not in known:
-                    raise FederationError(f"registering {key.name} failed: {res.stdout}{res.stderr}") from None
+            node = _registered_node(res)
+            if node is not None:
+                known[blob] = node
+            elif blob not in known:  # refused, and not a key this server's database registered before
+                raise FederationError(f"registering {key.name} failed: {res.stdout}{res.stderr}")
             logger.info("registered site key %s as node %d", key.name, known[blob])
         self.site_of_node = {known[_key_blob(key)]: name for name, key in public_keys.items()}
         if self.database is not None:
@@ -496,7 +320,7 @@ class ServerNode(ProcessGroup):
         return {str(blob): int(node) for blob, node in json.loads(path.read_text()).items()}
 
     def flwr(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([_bin("flwr"), *args], env=self.env("cli"), capture_output=True, text=True,
+        return subprocess.run([executable("flwr"), *args], env=self.env("cli"), capture_output=True, text=True,
                               timeout=120)
 
     def run(self, job: JobSpec, timeout_s: float | None = None,
@@ -520,7 +344,8 @@ class ServerNode(ProcessGroup):
     def submit_app(self, app: Path, run_config: str, work: Callable[[Any], None] | None = None) -> str:
         """``flwr run`` the Flower App folder ``app`` with ``run_config``; returns the run id. This server then
         does ``work(grid)`` for that run in this process (with Flower's Grid of the run), and executes no other
-        run; unless ``flower_executes``, where the SuperLink runs the app's ServerApp itself."""
+        run; unless it claims no runs (see :meth:`_execution`), where the SuperLink runs the app's ServerApp
+        itself."""
         with (self.own_runs.submitting() if self.own_runs is not None else nullcontext(lambda run_id, work: None)
               ) as expect:
             submitted = self.flwr("run", str(app), "server", "--format", "json", "--run-config", run_config)
@@ -586,167 +411,3 @@ class ServerNode(ProcessGroup):
                 return seen  # a line being written; read it next time
             seen += 1
         return seen
-
-
-class SiteNode(ProcessGroup):
-    """One site of a one-machine federation: its worker process (state and ML), which starts and owns the site's
-    SuperNode (transport to the server; see :mod:`fednnunet.site.supernode`) and takes every task from it."""
-
-    def __init__(self, workdir: Path, site: Site, server: str, extra_env: dict[str, str] | None = None,
-                 task: str | None = None) -> None:
-        super().__init__(workdir, extra_env)
-        self.site = site
-        self.server = server
-        self.task = task  # the worker refuses jobs of another task (and warms up for training)
-        self.runtime_port = free_port()
-
-    def start(self) -> "SiteNode":
-        worker = [sys.executable, "-m", "fednnunet.site.worker", "--site", self.site.name, "--dataset",
-                  self.site.dataset, "--superlink", self.server, "--runtime-port", str(self.runtime_port),
-                  "--logs", str(self.logs), *(["--task", self.task] if self.task else [])]
-        self.worker = self.start_process(f"worker-{self.site.name}", worker, self.env(f"site-{self.site.name}"))
-        return self
-
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        """Until the SuperNode's Runtime API (where the worker takes its tasks) listens; fails if the worker died."""
-        wait_listening(self, "127.0.0.1", self.runtime_port, f"site {self.site.name}: SuperNode", timeout_s)
-
-
-@dataclass
-class LocalFederation(StartStop):
-    """A server and every site on loopback: ``with LocalFederation(...) as fed: fed.run(job)``."""
-
-    workdir: Path
-    sites: Sequence[Site]
-    site_env: dict[str, str] = field(default_factory=dict)
-    on_event: Callable[[dict], None] = lambda e: None
-    task: str | None = None  # the one task its jobs run, if known: the sites refuse others, and warm up for it
-
-    def __post_init__(self) -> None:
-        self.workdir = Path(self.workdir).resolve()
-        self.server = ServerNode(self.workdir, on_event=self.on_event)
-        self.nodes = [SiteNode(self.workdir, s, self.server.site_address, extra_env=self.site_env, task=self.task)
-                      for s in self.sites]
-        self.logs = self.server.logs
-        self._reported_dead: set[str] = set()
-
-    def start(self) -> "LocalFederation":
-        """Start every process at once: the site workers import while the SuperLink and the job start (:meth:`run`
-        checks they came up)."""
-        for node in self.nodes:
-            node.start()
-        self.server.start()
-        return self
-
-    def check_alive(self) -> None:
-        """The server's processes must live; a dead site is the job's business (``--min-sites``), so it is
-        only reported here, once."""
-        self.server.check_alive()
-        for node in self.nodes:
-            try:
-                node.check_alive()
-            except FederationError as err:
-                if node.site.name not in self._reported_dead:
-                    self._reported_dead.add(node.site.name)
-                    self.on_event({"t": time.time(), "kind": "warning",
-                                   "message": f"site {node.site.name} stopped: {err}"})
-
-    def stop(self) -> None:
-        groups: list[ProcessGroup] = [*self.nodes, self.server]
-        with ThreadPoolExecutor(max_workers=len(groups)) as pool:  # each group waits for its own processes
-            list(pool.map(lambda group: group.stop(), groups))
-
-    def run(self, job: JobSpec, timeout_s: float | None = None) -> dict:
-        """Run ``job`` on these sites; they are stopped with the federation, so the job does not release them."""
-        run_id = self.server.submit(replace(job, release_sites=False))
-        for node in self.nodes:  # while the job starts; a worker that fails to start is an error at once
-            node.wait_ready()
-        return self.server.follow(run_id, Path(job.out_dir), timeout_s, self.check_alive)
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
-
-
-def die_with_parent() -> None:
-    """Run in a started process before it executes (Linux): it gets SIGTERM when its parent dies, even by
-    SIGKILL, so that a killed ``fednnunet`` never leaves a SuperLink, SuperNode or worker running on its own
-    (they run in their own sessions so that a Ctrl-C reaches only the launcher, which stops them in order)."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def terminate_all(popens: Sequence[subprocess.Popen], grace_s: float = 10.0) -> None:
-    """Stop processes and everything they started: SIGTERM to all at once, SIGKILL to those still running
-    ``grace_s`` later (one shared grace period, not one per process).
-
-    Signals go to each process's session and, separately, to every descendant: Flower's SuperExec starts the
-    ServerApp in a session of its own, which a group signal does not reach (it outlived interrupted runs).
-    """
-    running = [p for p in popens if p.poll() is None]
-    strays = [pid for p in running for pid in descendants(p.pid)]
-    for popen in running:
-        _signal_group(popen, signal.SIGTERM)
-    _signal_pids(strays, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for popen in running:
-        try:
-            popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal_group(popen, signal.SIGKILL)
-            popen.wait()
-    _signal_pids([pid for pid in strays if is_running(pid)], signal.SIGKILL)
-
-
-def _proc_stat(pid: int | str) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state, parent pid, ...); None if it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` in the process tree (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        if (fields := _proc_stat(entry.name)) is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(children.get(child, []))
-    return found
-
-
-def is_running(pid: int) -> bool:
-    """Running and not a zombie (an orphan's zombie may never be reaped in a container)."""
-    fields = _proc_stat(pid)
-    return fields is not None and fields[0] != "Z"
-
-
-def _signal_pids(pids: Sequence[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _signal_group(popen: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(popen.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
