@@ -81,7 +81,7 @@ def _describe(caller: SiteCaller, job: FingerprintJob,
     sample_ahead = None if job.asym else SampleAhead(num_processes=job.num_processes)
     replies = caller.broadcast(Describe(task=job.task, check_cases=job.check_cases, num_processes=job.num_processes,
                                         sample_ahead=sample_ahead))
-    descs = {site: cast(DescribeReply, reply) for site, (reply, _) in replies.items()}
+    descs = {site: cast(DescribeReply, reply) for site, (reply, _) in sorted(replies.items())}
     for site, desc in descs.items():  # suspicious but legal data: shown, and the job goes on
         shown = desc.warnings
         for w in shown[:MAX_WARNINGS_SHOWN]:
@@ -190,8 +190,9 @@ def run_fingerprint_job(caller: SiteCaller, job: FingerprintJob, progress: Calla
 
     replies = caller.broadcast(FingerprintSample(global_num_cases=total_cases, num_processes=job.num_processes))
     trips += 1
+    # in site order, not in the order the replies arrived: the merge's float sums and per-case lists depend on it
     summaries = [SiteSummary.from_dict(site, cast(FingerprintSampleReply, reply).summary)
-                 for site, (reply, _) in replies.items()]
+                 for site, (reply, _) in sorted(replies.items())]
     progress(f"sampled {sum(c.count for s in summaries for c in s.channels[:1])} foreground voxels per channel "
              f"from {total_cases} cases")
     percentiles, search_rounds = _exact_percentiles(caller, summaries, progress,
