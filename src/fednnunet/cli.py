@@ -142,7 +142,8 @@ def _train_options(args: argparse.Namespace):
             min_sites=args.min_sites, round_timeout_s=args.round_timeout, resume=args.resume,
             asym_scope=args.asym_scope, da_workers=args.da_workers, transfer_dtype=args.transfer_dtype,
             seed=args.seed, validate_delivered_every=args.validate_delivered_every, momentum=args.momentum,
-            server_momentum=args.server_momentum, clip_update_norm=args.clip_update_norm)
+            server_momentum=args.server_momentum, clip_update_norm=args.clip_update_norm,
+            finetune_epochs=args.finetune_epochs)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -558,6 +559,10 @@ def _add_train_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--validate-delivered-every", type=int, default=1, metavar="N",
                    help="validate the model the sites receive every N rounds, and the final one (0: never; then "
                         "no checkpoint_best.pth)")
+    t.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
+                   help="after the federation, every site fine-tunes the final model for N epochs on its own "
+                        "training cases into its personal model (plans <plans>_personal, beside the global one; "
+                        "docs/training.md) (default 0: none)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

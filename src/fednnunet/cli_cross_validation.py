@@ -93,6 +93,11 @@ def print_training(result: dict[str, Any]) -> str:
             dice = s.get("validation_mean_dice")
             print(f"  site {site}: model in {s.get('output_folder')}"
                   + ("" if dice is None else f", final validation mean Dice {dice:.4f}"))
+            personal = s.get("personal")
+            if personal:
+                dice = personal.get("validation_mean_dice")
+                print(f"    its personal model ({personal['epochs']} epoch(s) fine-tuned) in "
+                      f"{personal['output_folder']}" + ("" if dice is None else f", validation mean Dice {dice:.4f}"))
         for site, error in sorted(info.get("errors", {}).items()):
             print(f"  site {site}: failed: {error}")
         if info.get("global_model"):

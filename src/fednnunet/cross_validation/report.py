@@ -10,7 +10,7 @@ nobody has to log in at a hospital to read them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fednnunet.cross_validation.aggregates import AggregateError, MetricSums
@@ -61,19 +61,29 @@ def format_cv_table(rows: Mapping[str, Mapping[str, Any]], title: str = "") -> s
 
 def training_cv(folds: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The final validations of a federated training, from the sites' ``validation_sums`` (``train_finish``
-    replies): one row per fold and, with several folds, one for their union (the cross-validation)."""
+    replies): one row per fold and, with several folds, one for their union (the cross-validation); with
+    personal models (``--finetune-epochs``) the same rows again for them, named "... personal"."""
+    rows = _training_rows(folds, lambda record: record, "")
+    rows.update(_training_rows(folds, lambda record: record.get("personal") or {}, " personal"))
+    return {"rows": rows}
+
+
+def _training_rows(folds: Mapping[str, Mapping[str, Any]],
+                   model: Callable[[Mapping[str, Any]], Mapping[str, Any]], suffix: str) -> dict[str, Any]:
+    """The rows of one kind of model: ``model`` picks its record out of a site's result."""
     per_fold: dict[str, dict[str, MetricSums]] = {}
     for fold, info in folds.items():
         for site, reply in info.get("sites", {}).items():
-            if reply.get("validation_sums") is None:
+            sums = model(reply).get("validation_sums")
+            if sums is None:
                 continue
             try:
-                per_fold.setdefault(fold, {})[site] = MetricSums.from_json(reply["validation_sums"], f"site {site}")
+                per_fold.setdefault(fold, {})[site] = MetricSums.from_json(sums, f"site {site}")
             except AggregateError as err:  # a report must never fail a training
                 logger.warning("fold %s: %s", fold, err)
-    rows = {f"fold {fold}": cv_row(sums) for fold, sums in per_fold.items()}
+    rows = {f"fold {fold}{suffix}": cv_row(sums) for fold, sums in per_fold.items()}
     if len(per_fold) > 1:
         sites = sorted({s for sums in per_fold.values() for s in sums})
-        rows["all folds"] = cv_row({s: MetricSums.pooled({f: sums[s] for f, sums in per_fold.items() if s in sums})
-                                    for s in sites})
-    return {"rows": rows}
+        rows[f"all folds{suffix}"] = cv_row({s: MetricSums.pooled({f: sums[s] for f, sums in per_fold.items()
+                                                                    if s in sums}) for s in sites})
+    return rows

@@ -276,9 +276,24 @@ class TrainValidateDelivered(Request):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PersonalModel:
+    """A site's own model (``--finetune-epochs``): the final model fine-tuned on the site's training cases, in an
+    nnU-Net results folder of its own plans identifier (training/personal.py); its final validation as in
+    :class:`TrainValidateReply`."""
+
+    output_folder: str
+    checkpoint: str
+    epochs: int
+    validation_summary: str | None = None
+    validation_mean_dice: float | None = None
+    validation_sums: dict[str, Any] | None = None  # cross_validation.aggregates.MetricSums.to_json()
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainFinishReply(TrainValidateReply):
     checkpoint: str
     peak_rss_bytes: int = 0
+    personal: PersonalModel | None = None  # only when the request asked for fine-tuning
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,6 +305,12 @@ class TrainFinish(Request):
     validate: bool  # nnU-Net's final validation
     val_best: bool
     best: Literal["final", "sent"] | None  # where checkpoint_best.pth comes from (None: no best model)
+    #: then fine-tune the final model for this many epochs on the site's own training cases (0: no personal model)
+    finetune_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.finetune_epochs < 0:  # a negative count would build a trainer with no schedule at the site
+            raise ValueError(f"finetune_epochs must be non-negative, got {self.finetune_epochs}")
 
 
 # --- find_best_configuration --------------------------------------------------------------------------------------

@@ -26,5 +26,7 @@ Site half (imports torch and nnU-Net; loaded by the site worker only when a job 
 * :mod:`~fednnunet.training.site_ops`: the worker's entry points, one per training request;
 * :mod:`~fednnunet.training.session`: a site's side of a run (its trainer across the rounds);
 * :mod:`~fednnunet.training.site_trainer`: nnU-Net's trainer kept alive between rounds;
-* :mod:`~fednnunet.training.weights`: the network's state without nnU-Net's alias keys.
+* :mod:`~fednnunet.training.weights`: the network's state without nnU-Net's alias keys;
+* :mod:`~fednnunet.training.personal`: a site's personal model, the final model fine-tuned on its own cases
+  (``--finetune-epochs``; its plans name is used by the coordinator too).
 """

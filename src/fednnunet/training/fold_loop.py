@@ -55,6 +55,18 @@ __all__ = ["FoldRun"]
 _NOT_REBUILT = SiteError("could not rebuild its trainer", ErrorKind.SESSION_LOST)
 
 
+def _finish_timeout_s(opts: TrainOptions, history: list[dict[str, Any]]) -> float:
+    """How long the sites may take to finish: ``finish_timeout_s`` (the final validation), plus, with
+    ``--finetune-epochs N``, twice N of the run's slowest epochs (a round's wall time over its epochs): a site's
+    fine-tuning epoch costs what a federated one did, and the margin covers building the personal trainer."""
+    slowest = max((h["wall_seconds"] for h in history), default=0.0) / opts.epochs_per_round
+    return opts.finish_timeout_s + 2 * opts.finetune_epochs * slowest
+
+
+def _dice(dice: float | None) -> str:
+    return "" if dice is None else f", validation mean Dice {dice:.4f}"
+
+
 class FoldRun:
     """One fold's federated training (state kept on the object so the steps stay small)."""
 
@@ -294,28 +306,36 @@ class FoldRun:
         # the sites write the best delivered model as checkpoint_best.pth: sent beside the final one, unless it is
         # the final one; without delivered validation they write none
         best_is = None if best.models is None else ("final" if best.model_round == rounds else "sent")
-        request = TrainFinish(validate=not opts.skip_validation, val_best=opts.val_best, best=best_is)
+        request = TrainFinish(validate=not opts.skip_validation, val_best=opts.val_best, best=best_is,
+                              finetune_epochs=opts.finetune_epochs)
         key = {s: self.strategy.model_key(s) for s in sites}
         payload = {s: models[key[s]] if best_is != "sent" else
                    {**models[key[s]], **{BEST_PREFIX + n: a for n, a in best.models[key[s]].items()}} for s in sites}
         events.info(f"fold {self.fold}: sending the final model to {len(sites)} site(s)"
-                    + ("" if opts.skip_validation else " (then nnU-Net's final validation)"))
+                    + ("" if opts.skip_validation else " (then nnU-Net's final validation)")
+                    + (f"; each then fine-tunes it for {opts.finetune_epochs} epoch(s) into its personal model"
+                       if opts.finetune_epochs else ""))
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fednnunet-global") as pool:
             # written while the sites finish (the server's first torch import and a torch.save: about 1 s)
             writing = (pool.submit(self._write_global_models, models, epochs)
                        if self.global_info is not None and not opts.disable_checkpointing else None)
             replies, errors = self.caller.try_call({s: request for s in sites}, payload,
-                                                   timeout_s=opts.finish_timeout_s)
+                                                   timeout_s=_finish_timeout_s(opts, history))
             finish_s = time.perf_counter() - t0
             fold_dir = None if writing is None else writing.result()
         result: dict[str, Any] = {"rounds": history[-1]["round"] if history else 0, "sites": {}, "errors": errors}
         for s, (reply, _) in sorted(replies.items()):
             finished = cast(TrainFinishReply, reply)
+            if (finished.personal is None) == bool(opts.finetune_epochs):
+                errors[s] = rejected("rejected: its reply " + ("lacks the personal model it was asked for"
+                                     if finished.personal is None else "has a personal model it was not asked for"))
+                continue
             result["sites"][s] = site_result(finished)
-            dice = finished.validation_mean_dice
-            events.info(f"site {s}: final model in {finished.output_folder}"
-                        + ("" if dice is None else f", validation mean Dice {dice:.4f}"))
+            personal = finished.personal
+            events.info(f"site {s}: final model in {finished.output_folder}{_dice(finished.validation_mean_dice)}"
+                        + ("" if personal is None else f"; personal model ({personal.epochs} epoch(s) on its own "
+                           f"cases) in {personal.output_folder}{_dice(personal.validation_mean_dice)}"))
         for s, e in sorted(errors.items()):
             events.emit("error", f"site {s} could not finish: {e}", site=s)
         events.info(f"fold {self.fold}: finish took {finish_s:.1f} s")
@@ -329,7 +349,7 @@ class FoldRun:
         if history:
             result["mean_round_seconds"] = float(np.mean([h["wall_seconds"] for h in history]))
             result["mean_overhead_seconds"] = float(np.mean([h["overhead_seconds"] for h in history]))
-        if len(replies) < min(opts.min_sites or len(sites), len(sites)):
+        if len(result["sites"]) < min(opts.min_sites or len(sites), len(sites)):
             raise RuntimeError("train_finish failed at " + "; ".join(f"{s}: {e}" for s, e in errors.items()))
         return result
 

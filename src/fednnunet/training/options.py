@@ -18,6 +18,7 @@ from fednnunet.aggregation.momentum import MOMENTUM_MODES
 from fednnunet.aggregation.robust import check_max_norm
 from fednnunet.identifiers import check_identifier
 from fednnunet.protocol.messages import TrainInit, TrainValidate
+from fednnunet.training.personal import personal_plans
 
 __all__ = ["NNUNET_DEFAULT_EPOCHS", "TrainOptions", "default_epochs"]
 
@@ -58,6 +59,7 @@ class TrainOptions:
     momentum: str = "local"  # the sites' SGD momentum: kept, reset or averaged each round (aggregation/momentum.py)
     server_momentum: float = 0.0  # FedAvgM's beta at the server (FFE only; 0: plain FedAvg)
     clip_update_norm: float | None = None  # bound on the L2 norm of each site's update (aggregation/robust.py)
+    finetune_epochs: int = 0  # then every site fine-tunes the final model into its own (training/personal.py)
 
     def __post_init__(self) -> None:
         # these name folders (at the sites and in the coordinator's global/ model folder)
@@ -88,7 +90,7 @@ class TrainOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("seed", "validate_delivered_every"):
+        for name in ("seed", "validate_delivered_every", "finetune_epochs"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -99,6 +101,11 @@ class TrainOptions:
         if self.val_best and not self.validate_delivered_every:
             raise ValueError("--val_best validates checkpoint_best.pth, the best delivered model, which needs the "
                              "delivered-model validation (--validate-delivered-every N > 0)")
+        if self.finetune_epochs:
+            check_identifier(personal_plans(self.plans), "plans")  # the personal models' folders are named by it
+            if self.validation_only or self.disable_checkpointing:
+                raise ValueError("--finetune-epochs trains and writes a personal model at every site: not with "
+                                 "--val or --disable_checkpointing")
         if self.pretrained_weights and (self.continue_training or self.resume):
             raise ValueError("pretrained weights only apply at the start of a training, not with --c/--resume")
         if self.rounds is None and not self.validation_only and default_epochs(self.trainer) is None:

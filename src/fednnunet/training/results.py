@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fednnunet.protocol.codec import encode
 from fednnunet.protocol.messages import TrainFinishReply, TrainValidateReply
 
 __all__ = ["site_result"]
@@ -25,6 +26,8 @@ def site_result(reply: TrainValidateReply) -> dict[str, Any]:
                       validation_sums=reply.validation_sums)
     if finished:
         record["peak_rss_bytes"] = reply.peak_rss_bytes
+        if reply.personal is not None:  # the site's own model beside the federation's (training/personal.py)
+            record["personal"] = encode(reply.personal)
     record.update(site=reply.site, seconds=reply.seconds, received_at=reply.received_at,
                   replied_at=reply.replied_at)
     return record

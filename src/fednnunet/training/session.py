@@ -22,7 +22,8 @@ from the request as the coordinator sent it (no default is restated here):
 * ``validate``: nnU-Net's online validation of the final aggregated weights (the last delivered model);
 * ``finish``: write the federation's best delivered model as ``checkpoint_best.pth`` (nnU-Net's own one, by the
   local EMA pseudo-Dice, is never written in a federation), load the final aggregated weights, write
-  ``checkpoint_final.pth`` and run nnU-Net's final validation.
+  ``checkpoint_final.pth`` and run nnU-Net's final validation;
+  with ``finetune_epochs``, then fine-tune the final model into the site's own (training/personal.py).
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ import numpy as np
 from fednnunet.aggregation import (ModelSpec, delta_to_wire, from_wire, narrows, to_wire, validate_update,
                                    wire_spec)
 from fednnunet.aggregation.momentum import MOMENTUM_PREFIX, split_momentum
-from fednnunet.protocol.messages import (TrainFinish, TrainFinishReply, TrainInit, TrainInitReply, TrainRound,
-                                         TrainRoundReply, TrainValidate, TrainValidateDeliveredReply,
+from fednnunet.protocol.messages import (PersonalModel, TrainFinish, TrainFinishReply, TrainInit, TrainInitReply,
+                                         TrainRound, TrainRoundReply, TrainValidate, TrainValidateDeliveredReply,
                                          TrainValidateReply)
 from fednnunet.seeding import derive_seed
 from fednnunet.training.delivered import BEST_PREFIX
+from fednnunet.training.personal import finetune
 from fednnunet.training.site_trainer import SiteTrainer, load_trainer_class
 from fednnunet.training.weights import alias_map
 
@@ -81,7 +83,8 @@ class TrainingSession:
     spec: ModelSpec  # what travels each round (names, shapes, dtypes): set by :meth:`describe`, the init reply
 
     def __init__(self, site: str, dataset: str, request: TrainInit) -> None:
-        self.site = site
+        self.site, self.dataset = site, dataset
+        self.init = request  # the run's options, for the personal model's trainer (finish)
         self.epochs_per_round = request.epochs_per_round
         self.transfer_dtype = request.transfer_dtype
         # how this site's SGD momentum meets the averaging (aggregation/momentum.py); one of MOMENTUM_MODES: the
@@ -278,10 +281,21 @@ class TrainingSession:
             self.trainer.save_best(best_weights)
         else:
             (self.trainer.output_folder / "checkpoint_best.pth").unlink(missing_ok=True)
+        # the personal model starts from the final model (taken before a --val_best validation loads the best one)
+        start = (final or self.trainer.get_weights()) if request.finetune_epochs else None
         folder = self.trainer.finish(final or None, validate=validate, best=request.val_best)
         # without validation an old summary would describe another model
         return TrainFinishReply(output_folder=str(folder), checkpoint=str(folder / "checkpoint_final.pth"),
+                                personal=None if start is None else self._personal(start, request),
                                 **(_validation_result(folder) if validate else {}))
+
+    def _personal(self, weights: Arrays, request: TrainFinish) -> PersonalModel:
+        """Fine-tune ``weights`` on this site's training cases into its personal model (training/personal.py)."""
+        preprocessed = Path(self.trainer.trainer.preprocessed_dataset_folder_base)
+        folder = finetune(self.site, self.dataset, self.init, preprocessed, weights, request.finetune_epochs,
+                          request.validate)
+        return PersonalModel(output_folder=str(folder), checkpoint=str(folder / "checkpoint_final.pth"),
+                             epochs=request.finetune_epochs, **(_validation_result(folder) if request.validate else {}))
 
     def close(self) -> None:
         self.trainer.close()

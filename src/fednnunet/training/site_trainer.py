@@ -131,6 +131,9 @@ class SiteTrainer:
         local_best: let nnU-Net write ``checkpoint_best.pth`` by its local EMA pseudo-Dice (and its periodic
             ``checkpoint_latest.pth``) in ``on_epoch_end``, as ``nnUNetv2_train``. A federation passes False: its
             best model is the best *delivered* model, written with :meth:`save_best` (see training.session).
+        initial_lr_factor: scales the trainer's ``initial_lr`` (the start of its poly schedule) before the optimizer
+            is built; a personal model's fine-tuning starts from a fraction of it (training/personal.py). None: the
+            trainer's own.
 
     Raises:
         ValueError: bad fold, iteration or epoch numbers.
@@ -156,6 +159,7 @@ class SiteTrainer:
         num_workers: int | None = None,
         seed: int | None = None,
         local_best: bool = True,
+        initial_lr_factor: float | None = None,
     ) -> None:
         start = time.perf_counter()
         fold = _normalize_fold(fold)
@@ -207,6 +211,8 @@ class SiteTrainer:
             trainer.num_iterations_per_epoch = iterations_per_epoch
         if val_iterations is not None:
             trainer.num_val_iterations_per_epoch = val_iterations
+        if initial_lr_factor is not None:
+            trainer.initial_lr = trainer.initial_lr * initial_lr_factor
 
         latest = Path(trainer.output_folder) / "checkpoint_latest.pth"
         final = Path(trainer.output_folder) / "checkpoint_final.pth"
