@@ -19,12 +19,13 @@ demo: install
 	$(BIN)/fednnunet demo --workdir demo_run
 
 test: install
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 -m "not long" tests
 
 # The rest of nnU-Net end to end (find_best_configuration against nnU-Net on pooled outputs, ResEnc presets,
 # cascade): too slow for `make test`.
 test-long: install
 	$(BIN)/python -m pytest -q --durations=0 tests_long
+	$(BIN)/python -m pytest -q --durations=0 -m long tests
 
 # Benchmarks (not part of the tests): they print numbers and write JSON into benchmarks_out/.
 # With the real retina sites beside the clone (../shared), planning (DRIVE alone, all four) and the data checks are

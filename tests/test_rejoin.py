@@ -135,6 +135,7 @@ def test_a_hospital_cut_off_longer_than_its_give_up_time_rejoins_and_the_run_goe
 
 
 @needs_netns
+@pytest.mark.long  # 1.5 min; the rejoin itself (above) and the policy's bound (below) stay in `make test`
 def test_a_hospital_cut_off_past_rejoin_for_exits_with_the_reason(federation: dict, tmp_path: Path) -> None:
     hosts = Hosts(["srv", "h1", "h2"])
     procs: list[HostProcess] = []

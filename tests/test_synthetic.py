@@ -170,6 +170,7 @@ _NNUNET_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.long  # 1 min; the synthetic sites go through stock nnU-Net planning in many other tests too
 def test_nnunet_verify_fingerprint_plan_preprocess(fed2d: list[Path], tmp_path: Path) -> None:
     raw = fed2d[0].parent
     pp, results = tmp_path / "preprocessed", tmp_path / "results"
