@@ -58,9 +58,9 @@ def test_cli_parses_the_commands() -> None:
 
     a = build_parser().parse_args(["benchmark", "901 902", "-c", "2d", "--external", "903", "--folds", "0 1",
                                    "--rounds", "3", "--iterations-per-round", "5", "--methods", "local,ffe",
-                                   "--repeats", "3", "--seed", "10", "--out", "x"])
-    assert (a.sites, a.external, a.folds, a.rounds, a.iterations_per_round, a.methods, a.repeats, a.seed) == \
-        ("901 902", "903", "0 1", 3, 5, "local,ffe", 3, 10)
+                                   "--repeats", "3", "--seed", "10", "--finetune-epochs", "2", "--out", "x"])
+    assert (a.sites, a.external, a.folds, a.rounds, a.iterations_per_round, a.methods, a.repeats, a.seed,
+            a.finetune_epochs) == ("901 902", "903", "0 1", 3, 5, "local,ffe", 3, 10, 2)
     a = build_parser().parse_args(["evaluate", "-d", "901", "-c", "2d", "-f", "0 1", "--out", "x"])
     assert a.f == ["0 1"]
     a = build_parser().parse_args(["convert", "retina-vessels", "src", "--out", "r", "--first-id", "201",
@@ -134,7 +134,34 @@ def test_ffe_variants_are_checked_before_anything_runs(raw: Path, tmp_path: Path
         run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", methods=("ffe-fast",))
     with pytest.raises(BenchmarkError, match="ffe-clip needs its bound"):
         run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", methods=("ffe", "ffe-clip"))
+    with pytest.raises(BenchmarkError, match="ffe-ft: finetune_epochs must be >= 1"):
+        run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", methods=("ffe-ft",), finetune_epochs=0)
     assert not (tmp_path / "b").exists()
+
+
+def test_ffe_ft_predicts_internal_sites_with_their_personal_models(raw: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ffe-ft`` trains as FFE with ``--finetune-epochs E``; every internal site's held-out cases are predicted by
+    its own personal model (``nnUNetPlans_personal``, the same fold), the external site by the global model."""
+    from fednnunet.evaluation.benchmark import _Context
+
+    internal, ext = resolve_sites(raw, ["901"]), resolve_sites(raw, ["902"])
+    ctx = _Context(raw, tmp_path, "2d", internal, ext, [0], 4, 2, 1, {d.id: site_splits(d.folder) for d in internal},
+                   lambda *a, **k: None)
+    ctx.finetune_epochs = 3
+    trained: list[tuple] = []
+    jobs: list[dict] = []
+    monkeypatch.setattr(ctx, "_train_federated", lambda *a: trained.append(a) or tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(ctx, "_predict", lambda method, env, j: jobs.extend(j))
+    monkeypatch.setattr(ctx, "_evaluate", lambda pred_dir, d: [])
+    ctx.run("ffe-ft")
+    assert trained[0][0] == "ffe-ft" and trained[0][3] == ("--finetune-epochs", "3")
+    results = tmp_path / "ffe-ft" / "repeat_0" / "nnUNet_results"
+    own, outside = (j for j in jobs if j["site"] == "SiteA"), (j for j in jobs if j["site"] == "SiteB")
+    job = next(own)
+    assert job["model_folder"] == str(results / "Dataset901_SiteA" / "nnUNetTrainer__nnUNetPlans_personal__2d")
+    assert job["folds"] == [0] and len(job["cases"]) == len(site_splits(internal[0].folder)[0]["val"])
+    assert next(outside)["model_folder"] == str(results / "Dataset901_SiteA" / "nnUNetTrainer__nnUNetPlans__2d")
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])

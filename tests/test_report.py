@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from fednnunet.evaluation.predict import held_out_cases, normalize_folds
 from fednnunet.evaluation.report import (
+    build_repeated_results,
     build_results,
     evaluate_predictions,
     markdown_table,
@@ -107,6 +108,38 @@ def test_wilcoxon_pairs_by_case_id_and_reports_too_few_cases() -> None:
     u = r["wilcoxon"]["ffe_vs_local"]["sites"]["U"]
     assert u["p"] is None and "local" in u["reason"]
     assert wilcoxon_table(r) == r["wilcoxon"]
+
+
+def test_personal_models_are_read_against_local_and_ffe() -> None:
+    """``ffe-ft`` (every site's personal model) gets the paired interval and the non-inferiority reading against
+    local as well as against FFE: at SiteA it matches local within the margin while FFE lags; at SiteB it is
+    above local."""
+    rng = np.random.default_rng(1)
+    base = {site: rng.uniform(0.6, 0.8, N) for site in SITES}
+    repeats = []
+    for _ in range(3):
+        rep: dict = {m: {} for m in ("local", "ffe", "ffe-ft")}
+        for site in SITES:
+            hd = np.full(N, 3.0)
+            rep["local"][site] = _cases(base[site] + rng.normal(0, 0.001, N), hd)
+            rep["ffe"][site] = _cases(base[site] - 0.05 + rng.normal(0, 0.001, N), hd)
+            shift = 0.0 if site == "SiteA" else 0.03
+            rep["ffe-ft"][site] = _cases(base[site] + shift + rng.normal(0, 0.001, N), hd)
+        repeats.append(rep)
+    r = build_repeated_results(repeats, [0, 1, 2], "c", {})
+    assert list(r["methods"]) == ["local", "ffe", "ffe-ft"]
+    assert {"ffe-ft_vs_ffe", "ffe-ft_vs_local", "ffe_vs_local"} <= set(r["intervals"])
+    assert r["wilcoxon"]["ffe-ft_vs_local"]["sites"]["SiteB"]["p"] < 0.05
+    vs_local = r["intervals"]["ffe-ft_vs_local"]["sites"]
+    assert vs_local["SiteA"]["within_margin"] and vs_local["SiteA"]["non_inferior"]
+    assert vs_local["SiteA"]["n_repeats"] == 3
+    assert vs_local["SiteB"]["above"] and vs_local["SiteB"]["mean_diff"] == pytest.approx(0.03, abs=0.002)
+    vs_ffe = r["intervals"]["ffe-ft_vs_ffe"]["sites"]
+    assert all(vs_ffe[site]["above"] for site in SITES)
+    rows = {line.split("|")[1].strip(): line for line in markdown_table(r).splitlines() if line.startswith("| ")}
+    assert "within ±0.01" in rows["FFE + personal fine-tuning − Local"]
+    assert "non-inferior; above" in rows["FFE + personal fine-tuning − Local"]
+    assert "above" in rows["FFE + personal fine-tuning − FFE"] and "not non-inferior" in rows["FFE − Local"]
 
 
 def test_split_by_prefix_restores_site_case_ids() -> None:

@@ -109,7 +109,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             rounds=args.rounds, iterations_per_round=args.iterations_per_round,
             methods=[m for m in args.methods.replace(" ", ",").split(",") if m], val_iterations=args.val_iterations,
             progress=lambda e: print(format_progress(e), flush=True), command=command, seed=args.seed,
-            repeats=args.repeats, clip_update_norm=args.clip_update_norm)
+            repeats=args.repeats, clip_update_norm=args.clip_update_norm, finetune_epochs=args.finetune_epochs)
     except (BenchmarkError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -188,7 +188,8 @@ def add_commands(sub) -> None:
                    help="comma separated: local, centralized, ffe, asym; also the FFE variants ffe16 (16-bit "
                         "transfer), ffe-uniform (plain-mean FedAvg weights), ffe-often (5 x the rounds of 1/5 the "
                         "iterations), ffe-mom-reset / ffe-mom-avg (site momentum zeroed / averaged each round), "
-                        "ffe-server-mom (server momentum 0.5), ffe-clip (--clip-update-norm C)")
+                        "ffe-server-mom (server momentum 0.5), ffe-clip (--clip-update-norm C), ffe-ft (FFE, then "
+                        "every site's personal model: --finetune-epochs E)")
     p.add_argument("--repeats", type=int, default=1,
                    help="train every method R times (seeds S..S+R-1); results.md: mean ± sd, paired 95%% intervals")
     p.add_argument("--seed", type=int, default=None,
@@ -196,6 +197,9 @@ def add_commands(sub) -> None:
     p.add_argument("--clip-update-norm", type=float, default=None, metavar="C",
                    help="the bound of the ffe-clip method (its --clip-update-norm; see update_norms in a FFE run's "
                         "metrics.jsonl for the scale of honest updates)")
+    p.add_argument("--finetune-epochs", type=int, default=None, metavar="E",
+                   help="the fine-tuning epochs of the ffe-ft method (its --finetune-epochs; default: a tenth of "
+                        "--rounds, at least 1)")
     p.add_argument("--raw", help="nnU-Net raw folder of the sites (default: $nnUNet_raw); never written")
     p.add_argument("--out", required=True, help="output folder (each method gets its own nnU-Net roots inside)")
     p.set_defaults(func=cmd_benchmark)

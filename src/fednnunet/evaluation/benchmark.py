@@ -29,6 +29,11 @@ Methods:
   their buffers each round), ``ffe-mom-avg`` (``--momentum average``: the buffers are averaged with the weights, 2 x
   the bytes) and ``ffe-server-mom`` (``--server-momentum 0.5``: FedAvgM at the server); and what bounded influence
   costs: ``ffe-clip`` (``--clip-update-norm C``, C given to the benchmark: each site's change per round clipped).
+  And personalization (issue 28): ``ffe-ft`` (``--finetune-epochs E``, E given to the benchmark): trained as FFE,
+  then every internal site fine-tunes the final model E epochs on its own training cases; each internal site is
+  evaluated with ITS OWN personal model (``nnUNetTrainer__nnUNetPlans_personal__<config>``, the same fold), the
+  external sites with the global model (what a hospital outside the federation gets). It is compared with local
+  as well as with FFE: is a hospital's personal model at least as good as the model it could train alone?
 
 Same splits: before any training, every site's ``splits_final.json`` is written the way nnU-Net's trainer would
 write it (``generate_crossval_split`` over the sorted case ids, seed 12345, 5 folds) into every method's
@@ -71,6 +76,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fednnunet.atomic_files import write_atomic
+from fednnunet.training.personal import personal_plans
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +92,17 @@ FFE_VARIANTS: dict[str, tuple[tuple[str, ...], int]] = {
     "ffe-mom-avg": (("--momentum", "average"), 1),
     "ffe-server-mom": (("--server-momentum", "0.5"), 1),
     "ffe-clip": (("--clip-update-norm",), 1),  # its bound C: run_benchmark's clip_update_norm
+    "ffe-ft": (("--finetune-epochs",), 1),  # its E: run_benchmark's finetune_epochs
 }
 #: The variant whose last argument is the benchmark's ``clip_update_norm``.
 CLIP_VARIANT = "ffe-clip"
+#: The variant whose last argument is the benchmark's ``finetune_epochs``; its internal sites predict with their
+#: personal models.
+FINETUNE_VARIANT = "ffe-ft"
 #: Methods that run only when asked for with ``methods``.
 EXTRA_METHODS = tuple(FFE_VARIANTS)
-TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__{configuration}"
+PLANS = "nnUNetPlans"
+TRAINER_DIR = "nnUNetTrainer__{plans}__{configuration}"
 _PROGRESS = "@@progress "
 _ROUND = re.compile(r"round (\d+)/(\d+)")
 
@@ -289,7 +300,7 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
                   iterations_per_round: int = 250, methods: Sequence[str] = METHODS,
                   val_iterations: int | None = None, progress: Callable[[dict], None] | None = None,
                   command: str | None = None, seed: int | None = None, repeats: int = 1,
-                  clip_update_norm: float | None = None) -> dict[str, Any]:
+                  clip_update_norm: float | None = None, finetune_epochs: int | None = None) -> dict[str, Any]:
     """Runs the protocol (module docstring) and writes ``out/results.json``, ``results.md``, ``dsc.png`` and
     ``training_curves.png``; returns the results dict (``evaluation.report.build_repeated_results`` schema).
 
@@ -310,6 +321,10 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
         repeats: every method is trained (and evaluated) this many times, with seeds ``seed .. seed + repeats - 1``,
             on the same splits and plans (planned once per method).
         clip_update_norm: the bound C of the ``ffe-clip`` method (required with it).
+        finetune_epochs: the fine-tuning epochs E of the ``ffe-ft`` method (default: a tenth of ``rounds``, at
+            least 1: the personal model then trains 10 % beyond the budget of every other method, so the comparison
+            with local stays close to equal budget, and E follows the budget's scale instead of being a fixed
+            number that is negligible at 100 rounds and dominant at 3).
     """
     from fednnunet.evaluation.predict import normalize_folds
 
@@ -333,6 +348,10 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
         raise BenchmarkError(f"seed must be >= 0, got {seed}")
     if CLIP_VARIANT in methods and not (clip_update_norm or 0) > 0:
         raise BenchmarkError(f"{CLIP_VARIANT} needs its bound: pass clip_update_norm (--clip-update-norm C) > 0")
+    if finetune_epochs is None:
+        finetune_epochs = max(1, rounds // 10)
+    if finetune_epochs < 1:
+        raise BenchmarkError(f"{FINETUNE_VARIANT}: finetune_epochs must be >= 1, got {finetune_epochs}")
     seeds: list[int | None] = [seed] if seed is None and repeats == 1 else [(seed or 0) + k for k in range(repeats)]
     val_iterations = val_iterations or max(1, min(50, iterations_per_round // 5))
     internal = resolve_sites(raw, sites)
@@ -350,9 +369,12 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
     budget = {"configuration": configuration, "folds": folds, "rounds": rounds,
               "iterations_per_round": iterations_per_round, "val_iterations_per_round": val_iterations,
               "iterations_per_fold": rounds * iterations_per_round, "repeats": repeats, "seeds": seeds}
+    if FINETUNE_VARIANT in methods:
+        budget["finetune_epochs"] = finetune_epochs
     ctx = _Context(raw, out, configuration, internal, ext, folds, rounds, iterations_per_round, val_iterations,
                    splits, prog)
     ctx.clip_update_norm = clip_update_norm
+    ctx.finetune_epochs = finetune_epochs
     per_repeat: list[dict[str, dict[str, list]]] = []
     metrics_files: dict[str, list[Path]] = {m: [] for m in methods}  # every repeat's (first fold)
     timings: dict[str, float] = {m: 0.0 for m in methods}
@@ -376,7 +398,7 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
         command = (f"run_benchmark(raw={str(raw)!r}, sites={[d.key for d in internal]}, configuration="
                    f"{configuration!r}, external={[d.key for d in ext]}, folds={folds}, rounds={rounds}, "
                    f"iterations_per_round={iterations_per_round}, methods={methods}, seed={seed}, repeats={repeats}, "
-                   f"clip_update_norm={clip_update_norm})")
+                   f"clip_update_norm={clip_update_norm}, finetune_epochs={finetune_epochs})")
     results = build_repeated_results(per_repeat, seeds, command, budget, external_sites=[d.key for d in ext])
     results["averaging_gap"] = _averaging(metrics_files, internal)
     results["sites"] = {d.key: {"id": d.id, "dataset": d.name, "external": d in ext} for d in internal + ext}
@@ -402,6 +424,7 @@ class _Context:
         self.splits, self.prog = splits, prog
         self.repeat, self.seed = 0, None  # set per training repeat by run_benchmark
         self.clip_update_norm: float | None = None  # the bound of CLIP_VARIANT
+        self.finetune_epochs = 1  # the fine-tuning epochs of FINETUNE_VARIANT
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -422,9 +445,9 @@ class _Context:
         for d in datasets:
             _write_json(pre / d.name / "splits_final.json", self.splits[d.id])
 
-    def _model_folder(self, method: str, dataset_name: str) -> Path:
+    def _model_folder(self, method: str, dataset_name: str, plans: str = PLANS) -> Path:
         return (self._run_dir(method) / "nnUNet_results" / dataset_name /
-                TRAINER_DIR.format(configuration=self.configuration))
+                TRAINER_DIR.format(plans=plans, configuration=self.configuration))
 
     def _on_worker_event(self, method: str) -> Callable[[dict], None]:
         def on(e: dict) -> None:
@@ -559,18 +582,24 @@ class _Context:
             train_args, every = FFE_VARIANTS[method]
             if method == CLIP_VARIANT:
                 train_args = (*train_args, repr(self.clip_update_norm))
-            return self._run_ffe(method=method, train_args=train_args, every=every)
+            if method == FINETUNE_VARIANT:
+                train_args = (*train_args, str(self.finetune_epochs))
+            site_plans = personal_plans(PLANS) if method == FINETUNE_VARIANT else PLANS
+            return self._run_ffe(method=method, train_args=train_args, every=every, site_plans=site_plans)
         return getattr(self, f"_run_{method}")()
 
     def _run_ffe(self, asym: bool = False, method: str = "ffe", train_args: Sequence[str] = (),
-                 every: int = 1) -> tuple[dict, Path]:
+                 every: int = 1, site_plans: str = PLANS) -> tuple[dict, Path]:
+        """``site_plans``: the plans identifier of the model each internal site is evaluated with (the personal
+        models' for ``ffe-ft``); the external sites always get the federation's model."""
         method = "asym" if asym else method
         env = self._env(method, self.raw)
         curves = self._train_federated(method, env, asym, train_args, every)
         models = {d.key: self._model_folder(method, d.name) for d in self.internal}
         # FFE: every site's final checkpoint is the global model; one of them predicts the external sites
         ext_models = models if asym else {"global": models[self.internal[0].key]}
-        return self._finish_per_site(method, env, lambda d: models[d.key], ext_models), curves
+        own = {d.key: self._model_folder(method, d.name, site_plans) for d in self.internal}
+        return self._finish_per_site(method, env, lambda d: own[d.key], ext_models), curves
 
     def _run_asym(self) -> tuple[dict, Path]:
         return self._run_ffe(asym=True)
