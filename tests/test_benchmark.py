@@ -68,6 +68,7 @@ def test_cli_parses_the_commands() -> None:
     assert (a.collection, a.first_id, a.downsample) == ("retina-vessels", 201, 4)
 
 
+@pytest.mark.long  # 2 min; the methods' steps are unit-tested here (splits, variants, ffe-ft's prediction jobs)
 def test_benchmark_end_to_end(raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fednnunet.evaluation.report import evaluate_predictions
 
