@@ -556,7 +556,7 @@ def test_aggregation_strategies_behind_the_seam() -> None:
     from fednnunet.aggregation.strategy import GLOBAL, AsymFedAvg, FedAvg, FedAvgM
 
     def options(server_momentum: float = 0.0, asym_scope: str = "all") -> SimpleNamespace:
-        return SimpleNamespace(server_momentum=server_momentum, asym_scope=asym_scope)
+        return SimpleNamespace(server_momentum=server_momentum, asym_scope=asym_scope, local_norm=False)
 
     init = {"a": {"w": np.zeros(2, np.float32)}, "b": {"w": np.ones(2, np.float32)}}
     specs = {s: ModelSpec.of(m) for s, m in init.items()}

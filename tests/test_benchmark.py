@@ -135,7 +135,7 @@ def test_ffe_variants_are_checked_before_anything_runs(raw: Path, tmp_path: Path
         run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", methods=("ffe-fast",))
     with pytest.raises(BenchmarkError, match="ffe-clip needs its bound"):
         run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", methods=("ffe", "ffe-clip"))
-    with pytest.raises(BenchmarkError, match="ffe-ft: finetune_epochs must be >= 1"):
+    with pytest.raises(BenchmarkError, match="ffe-ft/ffe-bn-ft: finetune_epochs must be >= 1"):
         run_benchmark(raw, ["901", "902"], "2d", tmp_path / "b", methods=("ffe-ft",), finetune_epochs=0)
     assert not (tmp_path / "b").exists()
 
@@ -162,7 +162,15 @@ def test_ffe_ft_predicts_internal_sites_with_their_personal_models(raw: Path, tm
     job = next(own)
     assert job["model_folder"] == str(results / "Dataset901_SiteA" / "nnUNetTrainer__nnUNetPlans_personal__2d")
     assert job["folds"] == [0] and len(job["cases"]) == len(site_splits(internal[0].folder)[0]["val"])
-    assert next(outside)["model_folder"] == str(results / "Dataset901_SiteA" / "nnUNetTrainer__nnUNetPlans__2d")
+    # the coordinator's global model: each fold's, linked into one model folder
+    global_model = tmp_path / "ffe-ft" / "repeat_0" / "global_model" / "nnUNetTrainer__nnUNetPlans__2d"
+    assert next(outside)["model_folder"] == str(global_model)
+    assert (global_model / "fold_0").readlink() == (tmp_path / "ffe-ft" / "repeat_0" / "runs" / "fold_0" / "global" /
+                                                    "nnUNetTrainer__nnUNetPlans__2d" / "fold_0")
+
+    jobs.clear()
+    ctx.run("ffe-bn-ft")  # with --local-norm too
+    assert trained[1][0] == "ffe-bn-ft" and trained[1][3] == ("--local-norm", "--finetune-epochs", "3")
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])

@@ -175,3 +175,27 @@ def test_every_site_gets_a_personal_model_beside_the_global_one(federation: Path
     for dataset in ("901", "902"):
         again = _weights(_folder(federation, dataset, PERSONAL) / "checkpoint_final.pth")
         assert all(torch.equal(again[k], personal[dataset][k]) for k in again), dataset
+
+
+def test_local_norm_keeps_every_sites_normalization(federation: Path) -> None:  # noqa: F811
+    """``--local-norm`` (FedBN, issue 28 item 2) on the real federation, 2 seeded rounds: each site's final model is
+    the global model with its own normalization layers (every InstanceNorm weight and bias of nnU-Net's network, and
+    nothing else, differs), and the coordinator's global model has the averaged normalization."""
+    import torch
+
+    out = federation / "local_norm"
+    assert _run_cli(["run", "train", "901 902", "2d", "0", *TRAIN_FLAGS, "--seed", "0", "--skip-val", "--local-norm",
+                     "--out", str(out)]) == 0
+    glob = _weights(out / "global" / GLOBAL / "fold_0" / "checkpoint_final.pth")
+    own = {d: _weights(_folder(federation, d, GLOBAL) / "checkpoint_final.pth") for d in ("901", "902")}
+    # nnU-Net's InstanceNorm layers by their checkpoint names: "...norm.weight" and the aliases that share its
+    # storage in the checkpoint ("...all_modules.1.weight")
+    storage = {k: t.untyped_storage().data_ptr() for k, t in glob.items()}
+    norm_storage = {storage[k] for k in glob if ".norm." in k}
+    norm = {k for k in glob if storage[k] in norm_storage}
+    assert len(norm) > len(norm_storage) > 0 and all(k.endswith((".weight", ".bias")) for k in norm)
+    for k in glob:
+        same = [torch.equal(own[d][k], glob[k]) for d in own]
+        assert same == ([False, False] if k in norm else [True, True]), k
+    assert all(not torch.equal(own["901"][k], own["902"][k]) for k in norm)
+    assert "FedBN (normalization layers kept at the sites)" in (out / "events.jsonl").read_text()

@@ -143,7 +143,7 @@ def _train_options(args: argparse.Namespace):
             asym_scope=args.asym_scope, da_workers=args.da_workers, transfer_dtype=args.transfer_dtype,
             seed=args.seed, validate_delivered_every=args.validate_delivered_every, momentum=args.momentum,
             server_momentum=args.server_momentum, clip_update_norm=args.clip_update_norm,
-            finetune_epochs=args.finetune_epochs)
+            finetune_epochs=args.finetune_epochs, local_norm=args.local_norm)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -563,6 +563,10 @@ def _add_train_options(t: argparse.ArgumentParser) -> None:
                    help="after the federation, every site fine-tunes the final model for N epochs on its own "
                         "training cases into its personal model (plans <plans>_personal, beside the global one; "
                         "docs/training.md) (default 0: none)")
+    t.add_argument("--local-norm", action="store_true",
+                   help="FedBN (FFE only): average everything but the normalization layers' weights, which every "
+                        "site keeps; a site's model is the global weights with its own normalization, the exported "
+                        "global model (for hospitals outside the federation) has the averaged one (docs/training.md)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -189,7 +189,8 @@ def add_commands(sub) -> None:
                         "transfer), ffe-uniform (plain-mean FedAvg weights), ffe-often (5 x the rounds of 1/5 the "
                         "iterations), ffe-mom-reset / ffe-mom-avg (site momentum zeroed / averaged each round), "
                         "ffe-server-mom (server momentum 0.5), ffe-clip (--clip-update-norm C), ffe-ft (FFE, then "
-                        "every site's personal model: --finetune-epochs E)")
+                        "every site's personal model: --finetune-epochs E), ffe-bn (--local-norm: FedBN, every site "
+                        "keeps its normalization layers), ffe-bn-ft (both)")
     p.add_argument("--repeats", type=int, default=1,
                    help="train every method R times (seeds S..S+R-1); results.md: mean ± sd, paired 95%% intervals")
     p.add_argument("--seed", type=int, default=None,
@@ -198,7 +199,7 @@ def add_commands(sub) -> None:
                    help="the bound of the ffe-clip method (its --clip-update-norm; see update_norms in a FFE run's "
                         "metrics.jsonl for the scale of honest updates)")
     p.add_argument("--finetune-epochs", type=int, default=None, metavar="E",
-                   help="the fine-tuning epochs of the ffe-ft method (its --finetune-epochs; default: a tenth of "
+                   help="the fine-tuning epochs of the ffe-ft and ffe-bn-ft methods (their --finetune-epochs; default: a tenth of "
                         "--rounds, at least 1)")
     p.add_argument("--raw", help="nnU-Net raw folder of the sites (default: $nnUNet_raw); never written")
     p.add_argument("--out", required=True, help="output folder (each method gets its own nnU-Net roots inside)")

@@ -15,6 +15,8 @@ exactly as before (the same floating-point operations in the same order: seeded 
   written;
 * :class:`FedAvgM` (FFE with ``--server-momentum``): FedAvg's average taken as a momentum step; the velocity is
   saved with the model;
+* :class:`FedBN` (FFE with ``--local-norm``): FedAvg on everything but the normalization layers, whose weights
+  every site keeps;
 * :class:`AsymFedAvg` (``--asym``, every site planned alone): one model per site, compatible layers averaged.
 
 Pure numpy, no Flower: tested without a network.
@@ -22,16 +24,16 @@ Pure numpy, no Flower: tested without a network.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 import numpy as np
 
 from fednnunet.aggregation.fedavg import Scope, StreamingAsymAverager, StreamingAverager
-from fednnunet.aggregation.momentum import ServerMomentum
+from fednnunet.aggregation.momentum import MOMENTUM_PREFIX, ServerMomentum
 from fednnunet.aggregation.validation import ModelSpec
 
-__all__ = ["GLOBAL", "AggregationStrategy", "AsymFedAvg", "FedAvg", "FedAvgM", "aggregation_strategy",
+__all__ = ["GLOBAL", "AggregationStrategy", "AsymFedAvg", "FedAvg", "FedAvgM", "FedBN", "aggregation_strategy",
            "check_strategy_options"]
 
 Arrays = dict[str, np.ndarray]
@@ -81,24 +83,47 @@ class StrategyOptions(Protocol):
 
     asym_scope: str
     server_momentum: float
+    local_norm: bool
 
 
 def check_strategy_options(asym: bool, options: StrategyOptions) -> None:
     """Raise ``ValueError`` for options no algorithm takes (before any site builds a trainer for the run)."""
     if asym and options.server_momentum:
         raise ValueError("--server-momentum applies to FFE's global model; AsymFedAvg has none")
+    if asym and options.local_norm:
+        raise ValueError("--local-norm applies to FFE; with --asym every site keeps what other sites' networks "
+                         "do not share already")
+    if options.local_norm and options.server_momentum:
+        raise ValueError("--local-norm and --server-momentum are not implemented together: choose one")
 
 
-def aggregation_strategy(asym: bool, options: StrategyOptions, specs: Mapping[str, ModelSpec]
-                         ) -> AggregationStrategy:
-    """The algorithm of a run: ``specs`` are the sites' networks (from their initial weights), in site order.
+def aggregation_strategy(asym: bool, options: StrategyOptions, specs: Mapping[str, ModelSpec],
+                         normalization: Sequence[str] = ()) -> AggregationStrategy:
+    """The algorithm of a run: ``specs`` are the sites' networks (from their initial weights), in site order;
+    ``normalization`` the weights of the networks' normalization layers (the first site's ``train_init`` reply;
+    ``check_site_infos`` holds the other sites to the same list).
 
     FedAvg needs one network at every site: sites whose networks differ are refused (``ValueError``)."""
     check_strategy_options(asym, options)
     if asym:
         return AsymFedAvg(specs, options.asym_scope)
     _check_one_network(specs)
+    if options.local_norm:
+        return FedBN(list(specs), _local_weights(normalization, next(iter(specs.values()))))
     return FedAvgM(options.server_momentum) if options.server_momentum else FedAvg()
+
+
+def _local_weights(normalization: Sequence[str], spec: ModelSpec) -> frozenset[str]:
+    """What ``--local-norm`` keeps at the sites: the normalization layers' weights, and their SGD momentum buffers
+    when those travel too (``--momentum average``)."""
+    if not normalization:
+        raise ValueError("--local-norm: the sites' network has no normalization layer (batch, instance, group or "
+                         "layer norm), so there is nothing to keep local")
+    unknown = sorted(set(normalization) - set(spec.params))
+    if unknown:
+        raise ValueError(f"--local-norm: the sites name normalization weights their network does not have: "
+                         f"{', '.join(unknown[:3])}")
+    return frozenset(normalization) | {MOMENTUM_PREFIX + n for n in normalization if MOMENTUM_PREFIX + n in spec.params}
 
 
 class FedAvg:
@@ -130,6 +155,7 @@ class FedAvg:
         return dict(models)
 
     def restore(self, models: dict[str, Arrays]) -> None:
+        _check_one_model(models)
         _take_velocity(models)  # saved by a run with server momentum: not this run's
 
 
@@ -149,7 +175,70 @@ class FedAvgM(FedAvg):
         return {GLOBAL: {**models[GLOBAL], **velocity}}
 
     def restore(self, models: dict[str, Arrays]) -> None:
+        _check_one_model(models)
         self.momentum = ServerMomentum(self.momentum.beta, _take_velocity(models))
+
+
+class FedBN:
+    """FedBN (Li et al., ICLR 2021): FedAvg on every weight but the normalization layers', which each site keeps.
+
+    Why: a site whose images differ (scanner, camera, crop) can keep its own scale and shift after each
+    normalization while the convolutions are shared. Every site trains from its own model: the global weights with
+    its own normalization. The server also keeps the plain FedAvg of everything (``GLOBAL``, normalization weights
+    averaged like the rest): it is what the coordinator exports for a hospital outside the federation, which has no
+    normalization of its own to bring, and the average is the one the sites' normalizations were all pulled towards
+    by sharing the layers around them.
+
+    A site's model shares the arrays of the global model that it does not keep (no copy per site); only its
+    normalization weights are its own. The saved state holds the global model and each site's normalization."""
+
+    def __init__(self, sites: Sequence[str], local: Collection[str]) -> None:
+        self._sites = list(sites)
+        self._local = frozenset(local)
+        self._averager = StreamingAverager()
+        self._kept: dict[str, Arrays] = {}  # this round's normalization weights, by site (read until apply)
+
+    def model_key(self, site: str) -> str:
+        return site
+
+    def initial_models(self, init_weights: Mapping[str, Arrays], sites: Sequence[str]) -> dict[str, Arrays]:
+        shared = {k: np.array(v) for k, v in init_weights[sites[0]].items()}  # FedAvg's start: the first site's
+        return {GLOBAL: shared, **{s: self._site_model(shared, {k: np.array(shared[k]) for k in self._local})
+                                   for s in sites}}
+
+    def start_round(self) -> None:
+        self._averager.reset()
+        self._kept = {}
+
+    def add(self, site: str, weights: Arrays, weight: float) -> None:
+        self._averager.add(weights, weight)
+        self._kept[site] = {k: weights[k] for k in self._local}
+
+    def apply(self, models: dict[str, Arrays]) -> dict[str, Any]:
+        models[GLOBAL] = self._averager.result(out=models[GLOBAL])
+        for site in self._sites:  # a site left out of the round keeps its normalization
+            own = ({k: np.array(a) for k, a in self._kept[site].items()} if site in self._kept
+                   else {k: models[site][k] for k in self._local})
+            models[site] = self._site_model(models[GLOBAL], own)
+        self._kept = {}
+        return {}
+
+    def _site_model(self, shared: Arrays, own: Arrays) -> Arrays:
+        """The global arrays (not copied) with the site's own normalization weights, in the network's order."""
+        return {k: own[k] if k in self._local else a for k, a in shared.items()}
+
+    def saved_models(self, models: Mapping[str, Arrays]) -> dict[str, Arrays]:
+        return {GLOBAL: models[GLOBAL], **{s: {k: models[s][k] for k in self._local} for s in self._sites}}
+
+    def restore(self, models: dict[str, Arrays]) -> None:
+        missing = [s for s in self._sites if s not in models]
+        if missing:
+            raise ValueError(f"the saved state has no normalization weights of site(s) {', '.join(missing)}: it is "
+                             "from a run without --local-norm, or with other sites")
+        for s in self._sites:
+            if set(models[s]) != self._local:
+                raise ValueError(f"the saved normalization weights of site {s} are not this network's")
+            models[s] = self._site_model(models[GLOBAL], models[s])
 
 
 class AsymFedAvg:
@@ -181,6 +270,11 @@ class AsymFedAvg:
 
     def restore(self, models: dict[str, Arrays]) -> None:
         pass  # nothing of its own: the models are the whole state
+
+
+def _check_one_model(models: Mapping[str, Arrays]) -> None:
+    if set(models) != {GLOBAL}:
+        raise ValueError("the saved state keeps per-site normalization weights: it is from a run with --local-norm")
 
 
 def _take_velocity(models: dict[str, Arrays]) -> Arrays:

@@ -34,6 +34,9 @@ Methods:
   evaluated with ITS OWN personal model (``nnUNetTrainer__nnUNetPlans_personal__<config>``, the same fold), the
   external sites with the global model (what a hospital outside the federation gets). It is compared with local
   as well as with FFE: is a hospital's personal model at least as good as the model it could train alone?
+  ``ffe-bn`` (``--local-norm``, FedBN: every site keeps its normalization layers) evaluates each internal site with
+  its own final model (the global weights with its normalization), ``ffe-bn-ft`` combines both; both are compared
+  with local and FFE too. The external sites get the coordinator's global model (averaged normalization).
 
 Same splits: before any training, every site's ``splits_final.json`` is written the way nnU-Net's trainer would
 write it (``generate_crossval_split`` over the sorted case ids, seed 12345, 5 folds) into every method's
@@ -93,12 +96,14 @@ FFE_VARIANTS: dict[str, tuple[tuple[str, ...], int]] = {
     "ffe-server-mom": (("--server-momentum", "0.5"), 1),
     "ffe-clip": (("--clip-update-norm",), 1),  # its bound C: run_benchmark's clip_update_norm
     "ffe-ft": (("--finetune-epochs",), 1),  # its E: run_benchmark's finetune_epochs
+    "ffe-bn": (("--local-norm",), 1),
+    "ffe-bn-ft": (("--local-norm", "--finetune-epochs"), 1),
 }
 #: The variant whose last argument is the benchmark's ``clip_update_norm``.
 CLIP_VARIANT = "ffe-clip"
-#: The variant whose last argument is the benchmark's ``finetune_epochs``; its internal sites predict with their
+#: The variants whose last argument is the benchmark's ``finetune_epochs``; their internal sites predict with their
 #: personal models.
-FINETUNE_VARIANT = "ffe-ft"
+FINETUNE_VARIANTS = ("ffe-ft", "ffe-bn-ft")
 #: Methods that run only when asked for with ``methods``.
 EXTRA_METHODS = tuple(FFE_VARIANTS)
 PLANS = "nnUNetPlans"
@@ -351,7 +356,7 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
     if finetune_epochs is None:
         finetune_epochs = max(1, rounds // 10)
     if finetune_epochs < 1:
-        raise BenchmarkError(f"{FINETUNE_VARIANT}: finetune_epochs must be >= 1, got {finetune_epochs}")
+        raise BenchmarkError(f"{'/'.join(FINETUNE_VARIANTS)}: finetune_epochs must be >= 1, got {finetune_epochs}")
     seeds: list[int | None] = [seed] if seed is None and repeats == 1 else [(seed or 0) + k for k in range(repeats)]
     val_iterations = val_iterations or max(1, min(50, iterations_per_round // 5))
     internal = resolve_sites(raw, sites)
@@ -369,7 +374,7 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
     budget = {"configuration": configuration, "folds": folds, "rounds": rounds,
               "iterations_per_round": iterations_per_round, "val_iterations_per_round": val_iterations,
               "iterations_per_fold": rounds * iterations_per_round, "repeats": repeats, "seeds": seeds}
-    if FINETUNE_VARIANT in methods:
+    if set(FINETUNE_VARIANTS) & set(methods):
         budget["finetune_epochs"] = finetune_epochs
     ctx = _Context(raw, out, configuration, internal, ext, folds, rounds, iterations_per_round, val_iterations,
                    splits, prog)
@@ -424,7 +429,7 @@ class _Context:
         self.splits, self.prog = splits, prog
         self.repeat, self.seed = 0, None  # set per training repeat by run_benchmark
         self.clip_update_norm: float | None = None  # the bound of CLIP_VARIANT
-        self.finetune_epochs = 1  # the fine-tuning epochs of FINETUNE_VARIANT
+        self.finetune_epochs = 1  # the fine-tuning epochs of FINETUNE_VARIANTS
 
     # ----------------------------------------------------------------------------------------- helpers
 
@@ -582,24 +587,41 @@ class _Context:
             train_args, every = FFE_VARIANTS[method]
             if method == CLIP_VARIANT:
                 train_args = (*train_args, repr(self.clip_update_norm))
-            if method == FINETUNE_VARIANT:
+            if method in FINETUNE_VARIANTS:
                 train_args = (*train_args, str(self.finetune_epochs))
-            site_plans = personal_plans(PLANS) if method == FINETUNE_VARIANT else PLANS
+            site_plans = personal_plans(PLANS) if method in FINETUNE_VARIANTS else PLANS
             return self._run_ffe(method=method, train_args=train_args, every=every, site_plans=site_plans)
         return getattr(self, f"_run_{method}")()
 
     def _run_ffe(self, asym: bool = False, method: str = "ffe", train_args: Sequence[str] = (),
                  every: int = 1, site_plans: str = PLANS) -> tuple[dict, Path]:
         """``site_plans``: the plans identifier of the model each internal site is evaluated with (the personal
-        models' for ``ffe-ft``); the external sites always get the federation's model."""
+        models' for the fine-tuning variants); an internal site's own final model is the global one in FFE and
+        the global weights with its own normalization with ``--local-norm``. The external sites always get the
+        federation's model: every site's with AsymFedAvg, the coordinator's global model otherwise."""
         method = "asym" if asym else method
         env = self._env(method, self.raw)
         curves = self._train_federated(method, env, asym, train_args, every)
         models = {d.key: self._model_folder(method, d.name) for d in self.internal}
-        # FFE: every site's final checkpoint is the global model; one of them predicts the external sites
-        ext_models = models if asym else {"global": models[self.internal[0].key]}
+        ext_models = models if asym else {"global": self._global_model(method)}
         own = {d.key: self._model_folder(method, d.name, site_plans) for d in self.internal}
         return self._finish_per_site(method, env, lambda d: own[d.key], ext_models), curves
+
+    def _global_model(self, method: str) -> Path:
+        """The coordinator's global model of every fold as one nnU-Net model folder (links to each fold's run
+        output, ``runs/fold_X/global/``), so that the folds' ensemble predicts the external sites."""
+        trainer_dir = TRAINER_DIR.format(plans=PLANS, configuration=self.configuration)
+        folder = self._run_dir(method) / "global_model" / trainer_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        sources = {fold: self._run_dir(method) / "runs" / f"fold_{fold}" / "global" / trainer_dir
+                   for fold in self.folds}
+        links = {f"fold_{fold}": source / f"fold_{fold}" for fold, source in sources.items()}
+        first = sources[self.folds[0]]  # the plans are the same in every fold
+        links.update({name: first / name for name in ("plans.json", "dataset.json", "dataset_fingerprint.json")})
+        for name, target in links.items():
+            (folder / name).unlink(missing_ok=True)
+            (folder / name).symlink_to(target)
+        return folder
 
     def _run_asym(self) -> tuple[dict, Path]:
         return self._run_ffe(asym=True)

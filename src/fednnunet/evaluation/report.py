@@ -26,7 +26,7 @@ Per case, ``dsc`` and ``hd95`` are the means over the foreground classes (``metr
 With several training repeats, ``methods`` holds per case the mean over the repeats (the Wilcoxon tests use
 those), ``dsc_sd`` the standard deviation (ddof 1) of the site's mean DSC over the repeats, and ``repeats``
 every repeat as it was scored. ``intervals``: FFE vs centralized and FFE vs local, every FFE variant vs FFE and the
-personalized ``ffe-ft`` vs local too, the paired DSC difference with a 95 % two-stage bootstrap interval over cases
+personalized ``ffe-ft``, ``ffe-bn`` and ``ffe-bn-ft`` vs local too, the paired DSC difference with a 95 % two-stage bootstrap interval over cases
 and repeats and its reading at the 0.01 margin (``intervals.py``).
 
 Statistics: two-tailed Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, default ``zero_method='wilcox'``,
@@ -85,13 +85,15 @@ FFE_VARIANT_NAMES: dict[str, str] = {"ffe16": "FFE (16-bit transfer)", "ffe-unif
                                      "ffe-mom-avg": "FFE (site momentum averaged)",
                                      "ffe-server-mom": "FFE (server momentum)",
                                      "ffe-clip": "FFE (update norm clipped)",
-                                     "ffe-ft": "FFE + personal fine-tuning"}
+                                     "ffe-ft": "FFE + personal fine-tuning",
+                                     "ffe-bn": "FFE + local normalization (FedBN)",
+                                     "ffe-bn-ft": "FedBN + personal fine-tuning"}
 #: Display names of the methods (as in the paper's tables); unknown methods are shown as given.
 METHOD_NAMES: dict[str, str] = {"local": "Local", "centralized": "Centralized", "ffe": "FFE", "asym": "AsymFedAvg",
                                 **FFE_VARIANT_NAMES}
 #: Personalized methods, also compared with local: a hospital joins to get a model at least as good as its own
 #: (issue 28), so its personal model is read against local at the non-inferiority margin, not only against FFE.
-PERSONALIZED: tuple[str, ...] = ("ffe-ft",)
+PERSONALIZED: tuple[str, ...] = ("ffe-ft", "ffe-bn", "ffe-bn-ft")
 #: The paired tests of the paper: (method a, method b), reported as p of a vs b.
 COMPARISONS: tuple[tuple[str, str], ...] = (("ffe", "local"), ("ffe", "centralized"), ("asym", "local"),
                                             *((v, "ffe") for v in FFE_VARIANT_NAMES),

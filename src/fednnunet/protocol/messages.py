@@ -198,6 +198,9 @@ class TrainInitReply(Reply):
     dataset_fingerprint: Any
     dataset_num_cases: Any
     state_keys: dict[str, str]  # alias -> name of the state dict entries it shares storage with
+    #: the weights of the network's normalization layers (``--local-norm`` keeps them at each site); checked by the
+    #: coordinator (equal at every site, names of the network's weights)
+    normalization: list[str] = field(default_factory=list)
     not_reproducible: list[str] = field(default_factory=list)  # why a seeded run is not bit for bit here
 
 

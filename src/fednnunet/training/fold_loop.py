@@ -2,8 +2,9 @@
 
 Every round: send every site the model it trains from, check each update as it arrives
 (training/site_checks.py) and hand it to the run's aggregation strategy (aggregation/strategy.py: FedAvg,
-FedAvgM or AsymFedAvg), apply the round, save the server state in the background. After the last round every site
-validates the final model (the last delivered one, training/delivered.py) and writes its final checkpoints.
+FedAvgM, FedBN or AsymFedAvg), apply the round, save the server state in the background. After the last round
+every site validates the final model (the last delivered one, training/delivered.py) and writes its final
+checkpoints.
 
 Why the loop lives here and not in a Flower Strategy: AsymFedAvg sends different content to each site, sites may be
 left out of a round (errors, ``--round-timeout``) while the run goes on (``--min-sites``), a site that lost its
@@ -105,7 +106,8 @@ class FoldRun:
         if errors:
             raise RuntimeError("train_init failed at " + "; ".join(f"{s}: {e}" for s, e in errors.items()))
         specs = {s: ModelSpec.of(init_weights[s]) for s in sites}
-        self.strategy = strategy = aggregation_strategy(asym, opts, specs)  # FedAvg: one network at every site
+        # FedAvg: one network at every site (check_site_infos then holds every site to the first one's norm layers)
+        self.strategy = strategy = aggregation_strategy(asym, opts, specs, infos[sites[0]].normalization)
         # Site replies are data: names, plans and counts are checked against the coordinator's own before use, and
         # the weights are fixed here, bounded by the federation's plan (aggregation/site_weights.py).
         self.global_info = check_site_infos(infos, opts, asym, specs[sites[0]])

@@ -60,6 +60,7 @@ class TrainOptions:
     server_momentum: float = 0.0  # FedAvgM's beta at the server (FFE only; 0: plain FedAvg)
     clip_update_norm: float | None = None  # bound on the L2 norm of each site's update (aggregation/robust.py)
     finetune_epochs: int = 0  # then every site fine-tunes the final model into its own (training/personal.py)
+    local_norm: bool = False  # FedBN: every site keeps its normalization layers' weights (aggregation/strategy.py)
 
     def __post_init__(self) -> None:
         # these name folders (at the sites and in the coordinator's global/ model folder)

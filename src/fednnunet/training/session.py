@@ -48,7 +48,7 @@ from fednnunet.seeding import derive_seed
 from fednnunet.training.delivered import BEST_PREFIX
 from fednnunet.training.personal import finetune
 from fednnunet.training.site_trainer import SiteTrainer, load_trainer_class
-from fednnunet.training.weights import alias_map
+from fednnunet.training.weights import alias_map, normalization_keys
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class TrainingSession:
                                            / "dataset_fingerprint.json"),
             dataset_num_cases=_dataset_num_cases(nn_trainer),
             state_keys=alias_map(nn_trainer.network),
+            normalization=normalization_keys(nn_trainer.network),
             not_reproducible=t.not_reproducible,
         )
         weights = self._state(views=False)

@@ -61,8 +61,9 @@ def check_site_infos(infos: Mapping[str, TrainInitReply], options: TrainOptions,
     Every site: ``trainer_name`` and ``configuration`` are identifiers equal to the run's own (``-tr``, the job's
     configuration). FFE also: every site's plans are identical apart from the dataset name, name this run's plans
     (``-p``) and hold its configuration; the merged fingerprints are identical (``site_weights``); the dataset.json
-    fields the predictor uses (channels, labels, regions) and the checkpoint's key map and mirroring axes are
-    identical, and the key map names only parameters of the network (``spec``). Returns, for FFE, what
+    fields the predictor uses (channels, labels, regions), the checkpoint's key map, the normalization layers'
+    weights and the mirroring axes are identical, and the key map and those weights name only parameters of the
+    network (``spec``). Returns, for FFE, what
     :func:`~fednnunet.training.export.write_global_model` writes beside the global model (taken from the sites only
     after these checks); None for AsymFedAvg (no global model).
     """
@@ -103,6 +104,10 @@ def check_site_infos(infos: Mapping[str, TrainInitReply], options: TrainOptions,
             or (spec is not None and not set(state_keys.values()) <= set(spec.params))):
         raise SiteReplyError(", ".join(sites), "state_keys", "not a map of checkpoint keys to the network's "
                              "parameters")
+    normalization = same("normalization", lambda i: i.normalization)
+    if not all(isinstance(k, str) for k in normalization) or (spec is not None and not set(normalization)
+                                                              <= set(spec.params)):
+        raise SiteReplyError(", ".join(sites), "normalization", "not a list of the network's parameters")
     axes = same("inference_allowed_mirroring_axes", lambda i: i.inference_allowed_mirroring_axes)
     if axes is not None and (not isinstance(axes, list) or len(axes) > 3 or len(set(axes)) != len(axes) or not all(
             isinstance(a, int) and not isinstance(a, bool) and 0 <= a < 3 for a in axes)):

@@ -24,7 +24,7 @@ Arrays = dict[str, np.ndarray]
 
 STATE_DIR = "state"
 STATE_FILE = "state.json"
-_SEP = "::"  # site and parameter name in the keys of an AsymFedAvg state file
+_SEP = "::"  # model key and parameter name in the keys of a state file with several models
 
 
 def save_state(out: Path, round_: int, models: Mapping[str, Arrays], asym: bool,
@@ -32,7 +32,8 @@ def save_state(out: Path, round_: int, models: Mapping[str, Arrays], asym: bool,
                best_models: Mapping[str, Arrays] | None = None) -> Path:
     """Save the weights after ``round_`` and the metric history; the previous weights file is removed after.
 
-    FFE keeps one model under the key ``global``; AsymFedAvg one per site. The weights go to
+    FFE keeps one model under the key ``global``; AsymFedAvg one per site; FedBN (``--local-norm``) the global
+    model and each site's normalization weights. The weights go to
     ``round_NNNN.npz`` (plain arrays, loaded with ``allow_pickle=False``), then ``state.json`` names it: the
     JSON is replaced last, so it always points at a complete weights file. ``best``: the best delivered model's
     score and round (training/delivered.py); ``best_models``: its weights, when they changed since the last
@@ -41,7 +42,8 @@ def save_state(out: Path, round_: int, models: Mapping[str, Arrays], asym: bool,
     state_dir = out / STATE_DIR
     npz = _save_models(state_dir / f"round_{round_:04d}.npz", models, asym)
     previous = load_state(out) or {}
-    state = {"round": round_, "weights_file": npz.name, "asym": asym, "sites": sorted(models) if asym else None,
+    state = {"round": round_, "weights_file": npz.name, "asym": asym,
+             "sites": sorted(models) if _keyed(models, asym) else None,
              "history": history, **extra, "best": _best_entry(out, previous, best, best_models, asym)}
     write_json_atomic(state_dir / STATE_FILE, state)
     _remove_replaced(out, previous, state)
@@ -76,8 +78,15 @@ def _remove_replaced(out: Path, previous: Mapping[str, Any], state: Mapping[str,
             (out / STATE_DIR / old).unlink(missing_ok=True)
 
 
+def _keyed(models: Mapping[str, Arrays], asym: bool) -> bool:
+    """Whether a state file names the model of every key (AsymFedAvg's sites; FedBN's global model and the sites'
+    normalization weights) or holds FFE's one global model under the plain parameter names."""
+    return asym or set(models) != {GLOBAL}
+
+
 def _save_models(npz: Path, models: Mapping[str, Arrays], asym: bool) -> Path:
-    flat = {(f"{site}{_SEP}{name}" if asym else name): arr
+    keyed = _keyed(models, asym)
+    flat = {(f"{site}{_SEP}{name}" if keyed else name): arr
             for site, model in models.items() for name, arr in model.items()}
     write_atomic(npz, lambda f: np.savez(f, **flat))
     return npz
@@ -90,12 +99,13 @@ def load_state(out: Path) -> dict[str, Any] | None:
 
 
 def load_models(out: Path, state: Mapping[str, Any], weights_file: str | None = None) -> dict[str, Arrays]:
-    """The models saved with ``state``: ``{GLOBAL: ...}`` (FFE) or ``{site: ...}`` (AsymFedAvg); those of
+    """The models saved with ``state``: ``{GLOBAL: ...}`` (FFE), ``{site: ...}`` (AsymFedAvg) or both (FedBN's
+    global model and the sites' normalization weights); those of
     ``weights_file`` (e.g. the best delivered model's) instead of the last round's when given."""
     models: dict[str, Arrays] = {}
     with np.load(out / STATE_DIR / (weights_file or state["weights_file"]), allow_pickle=False) as data:
         for key in data.files:
-            if state.get("asym"):
+            if state.get("sites") is not None:
                 site, name = key.split(_SEP, 1)
             else:
                 site, name = GLOBAL, key

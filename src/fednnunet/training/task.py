@@ -45,6 +45,12 @@ def _cross_validation(folds: Mapping[str, Any], root: Path, events: EventLog) ->
     return report
 
 
+def _algorithm(asym: bool, options: TrainOptions) -> str:
+    if asym:
+        return f"AsymFedAvg (scope {options.asym_scope})"
+    return "FedBN (normalization layers kept at the sites)" if options.local_norm else "FedAvg"
+
+
 def run_training_task(job: JobSpec, caller: SiteCaller, events: EventLog) -> dict[str, Any]:
     """Run ``job`` (task ``train``) fold after fold; return per-fold, per-site output folders and timings."""
     options = TrainOptions.from_dict(job.train)
@@ -58,7 +64,7 @@ def run_training_task(job: JobSpec, caller: SiteCaller, events: EventLog) -> dic
         raise RuntimeError(f"only {len(sites)} of {job.num_sites} sites answered")
     events.info(f"training on {len(sites)} site(s): " + ", ".join(
         f"{s} ({described[s].dataset_name})" for s in sites) +
-        f"; {'AsymFedAvg (scope ' + options.asym_scope + ')' if job.asym else 'FedAvg'}, "
+        f"; {_algorithm(job.asym, options)}, "
         f"weighting {options.weighting}, site momentum {options.momentum}"
         + (f", server momentum {options.server_momentum}" if options.server_momentum else ""))
     folds: dict[str, Any] = {}

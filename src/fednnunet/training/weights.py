@@ -23,8 +23,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["unwrap", "unique_tensors", "alias_map", "unique_state", "load_unique_state", "copy_in_place",
-           "momentum_buffers"]
+__all__ = ["unwrap", "unique_tensors", "alias_map", "normalization_keys", "unique_state", "load_unique_state",
+           "copy_in_place", "momentum_buffers"]
+
+#: The normalization layers whose parameters (and running statistics) ``--local-norm`` keeps at each site: batch and
+#: instance norm (``_NormBase``), group norm and layer norm, the ones nnU-Net's ``norm_op`` can name.
+_NORMALIZATION_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -108,6 +112,18 @@ def alias_map(module: torch.nn.Module) -> dict[str, str]:
             continue
         result[key] = first.setdefault(_alias_key(tensor), key)
     return result
+
+
+def normalization_keys(module: torch.nn.Module) -> list[str]:
+    """The keys (as :func:`unique_state` names them) of the tensors that belong to normalization layers, in
+    ``state_dict`` order.
+
+    Why from the modules and not from the names: nnU-Net's networks call their norm ``norm``, but a trainer may
+    build any architecture (``network_class_name`` in the plans); the layer type is what FedBN's rule is about. Every
+    alias of a tensor is looked at, so the key matches :func:`unique_state`'s whichever alias came first."""
+    norm_tensors = {_alias_key(t) for m in unwrap(module).modules() if isinstance(m, _NORMALIZATION_LAYERS)
+                    for t in m.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)}
+    return [key for key, tensor in unique_tensors(module).items() if _alias_key(tensor) in norm_tensors]
 
 
 def unique_state(module: torch.nn.Module) -> dict[str, np.ndarray]:
