@@ -176,3 +176,34 @@ def test_real_data_downsampled_passes_nnunet_integrity_check(tmp_path):
             fractions.append(lab.mean())
         assert 0.03 < np.mean(fractions) < 0.12, (site, np.mean(fractions))  # README: about 5-7.5 % vessel
         verify_dataset_integrity(str(folder), 1)
+
+
+def test_crop_pair_differs_in_field_of_view_only(tmp_path):
+    """Issue 28, item 5: DRIVE's test images whole and its training images cropped around their vessels, both about
+    the same size in pixels; the crop is the window with the most vessel pixels."""
+    import json
+
+    from fednnunet.data.retina import _most_vessels_window, convert_retina_crop_pair
+
+    label = np.zeros((8, 10), np.uint8)
+    label[5:8, 6:9] = 1
+    label[0, 0] = 1
+    assert _most_vessels_window(label, 2) == (slice(4, 8), slice(4, 9))  # first window holding all 9 of the block
+    src = make_fake_source(tmp_path / "src", shape=(20, 24))
+    whole, crop = convert_retina_crop_pair(src, tmp_path / "raw", first_id=30, downsample=4, crop=2)
+    assert (whole.name, crop.name) == ("Dataset030_DRIVEWhole", "Dataset031_DRIVECrop")
+    # the fake layout has DRIVE_21 and DRIVE_22 in train/, DRIVE_01 in test/
+    assert sorted(p.name for p in (whole / "labelsTr").iterdir()) == ["DRIVE_01.png"]
+    assert sorted(p.name for p in (crop / "labelsTr").iterdir()) == ["DRIVE_21.png", "DRIVE_22.png"]
+    assert read_png(whole / "labelsTr" / "DRIVE_01.png").shape == read_png(crop / "labelsTr" / "DRIVE_21.png").shape \
+        == (5, 6)
+    # the fake vessel (rows 4-9, columns 3-4) lies in the top-left 10 x 12 window; downsampled 2 x, it is half of
+    # 3 x 2 blocks (vessel: ties go to vessel); in the whole image downsampled 4 x it is a quarter of a block
+    assert read_png(crop / "labelsTr" / "DRIVE_21.png").sum() == 6
+    assert read_png(whole / "labelsTr" / "DRIVE_01.png").sum() == 0
+    meta = {d: json.loads((d / "dataset.json").read_text()) for d in (whole, crop)}
+    assert meta[crop]["fednnunet_source"] == {"site": "DRIVECrop", "collection": "drive", "downsample": 2, "crop": 2}
+    assert meta[whole]["channel_names"] == meta[crop]["channel_names"] and meta[whole]["labels"] == \
+        meta[crop]["labels"]
+    with pytest.raises(ValueError, match="crop must be >= 2 and divide downsample"):
+        convert_retina_crop_pair(src, tmp_path / "raw2", first_id=30, downsample=4, crop=3)

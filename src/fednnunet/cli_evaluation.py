@@ -147,11 +147,15 @@ def cmd_compare_results(args: argparse.Namespace) -> int:
 
 # --- convert -----------------------------------------------------------------------------------------------------
 def cmd_convert_retina(args: argparse.Namespace) -> int:
-    from fednnunet.data.retina import convert_retina_vessels
+    from fednnunet.data.retina import convert_retina_crop_pair, convert_retina_vessels
 
     try:
-        folders = convert_retina_vessels(Path(args.src), Path(args.out), first_id=args.first_id,
-                                         downsample=args.downsample)
+        if args.collection == "retina-crop-pair":
+            folders = convert_retina_crop_pair(Path(args.src), Path(args.out), first_id=args.first_id,
+                                               downsample=args.downsample, crop=args.crop)
+        else:
+            folders = convert_retina_vessels(Path(args.src), Path(args.out), first_id=args.first_id,
+                                             downsample=args.downsample)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -219,4 +223,13 @@ def add_commands(sub) -> None:
     r.add_argument("--out", required=True, help="nnU-Net raw folder to write into")
     r.add_argument("--first-id", type=int, required=True, help="id of the first dataset (DRIVE); +1..+3 follow")
     r.add_argument("--downsample", type=int, default=1, help="integer downsampling factor (1: original size)")
+    r.set_defaults(func=cmd_convert_retina)
+    r = conv.add_parser("retina-crop-pair", help="two sites that differ in field of view only: DRIVE's test images "
+                        "whole, its training images cropped around their vessels (same size in pixels)")
+    r.add_argument("src", help="folder with drive/")
+    r.add_argument("--out", required=True, help="nnU-Net raw folder to write into")
+    r.add_argument("--first-id", type=int, required=True, help="id of DRIVEWhole; DRIVECrop is +1")
+    r.add_argument("--downsample", type=int, default=8, help="downsampling factor of the whole images (default 8)")
+    r.add_argument("--crop", type=int, default=2, help="the crops are 1/C of the height and width, downsampled C "
+                   "times less (C divides --downsample; default 2)")
     r.set_defaults(func=cmd_convert_retina)

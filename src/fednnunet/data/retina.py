@@ -34,6 +34,13 @@ it to get original pixels.
 
 Writing is atomic: every site is written to a temporary folder inside ``out_dir`` and renamed into
 place only after all four are complete.
+
+A pair of sites that differ the way crops differ from whole photographs (issue 28, item 5:
+:func:`convert_retina_crop_pair`): DRIVE's 20 test images whole (``DRIVEWhole``) and its 20 training images each
+cropped to a window of ``1/crop`` of the height and width around the structure, the window with the most vessel
+pixels (where the large vessels leave the optic disc; ``DRIVECrop``). The crops are downsampled ``crop`` times
+less, so both sites' images have about the same size in pixels while a crop's vessels are ``crop`` times as wide:
+one camera, one population, and only the field of view differs.
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from fednnunet.data.raw_layout import write_raw_datasets
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["convert_retina_vessels", "SITES", "CHANNEL_NAMES", "LABELS", "FILE_ENDING"]
+__all__ = ["convert_retina_vessels", "convert_retina_crop_pair", "SITES", "CHANNEL_NAMES", "LABELS", "FILE_ENDING"]
 
 CHANNEL_NAMES: dict[str, str] = {"0": "R", "1": "G", "2": "B"}
 LABELS: dict[str, int] = {"background": 0, "vessel": 1}
@@ -178,7 +185,26 @@ def _downsample(image: np.ndarray, label: np.ndarray, d: int) -> tuple[np.ndarra
     return np.rint(img).astype(np.uint8), (lab >= 0.5).astype(np.uint8)
 
 
-def _write_site(folder: Path, site: _Site, cases: list[tuple[str, Path, Path]], downsample: int) -> None:
+def _most_vessels_window(label: np.ndarray, crop: int) -> tuple[slice, slice]:
+    """The window of ``1/crop`` of the height and width holding the most vessel pixels (the first such, scanning
+    rows then columns): an integral image gives every window's count at once."""
+    h, w = label.shape[0] // crop, label.shape[1] // crop
+    if h == 0 or w == 0:
+        raise ValueError(f"crop factor {crop} is larger than the image {label.shape}")
+    integral = np.pad(label.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    counts = integral[h:, w:] - integral[:-h, w:] - integral[h:, :-w] + integral[:-h, :-w]
+    top, left = np.unravel_index(int(np.argmax(counts)), counts.shape)
+    return slice(int(top), int(top) + h), slice(int(left), int(left) + w)
+
+
+def _cropped(image: np.ndarray, label: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = _most_vessels_window(label, crop)
+    return image[rows, cols], label[rows, cols]
+
+
+def _write_site(folder: Path, site: _Site, cases: list[tuple[str, Path, Path]], downsample: int,
+                crop: int = 1) -> None:
+    """``crop`` > 1: each case cropped around its vessels (:func:`_cropped`) before the downsampling."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
     from skimage import io
 
@@ -187,7 +213,10 @@ def _write_site(folder: Path, site: _Site, cases: list[tuple[str, Path, Path]], 
     vessel_px = total_px = 0
     shapes = set()
     for case_id, image_file, label_file in cases:
-        image, label = _downsample(*_read_case(image_file, label_file), downsample)
+        image, label = _read_case(image_file, label_file)
+        if crop > 1:
+            image, label = _cropped(image, label, crop)
+        image, label = _downsample(image, label, downsample)
         io.imsave(folder / "imagesTr" / f"{case_id}_0000{FILE_ENDING}", image, check_contrast=False)
         io.imsave(folder / "labelsTr" / f"{case_id}{FILE_ENDING}", label, check_contrast=False)
         vessel_px += int(label.sum())
@@ -202,10 +231,54 @@ def _write_site(folder: Path, site: _Site, cases: list[tuple[str, Path, Path]], 
         description=f"Retinal vessel segmentation, site {site.name} (RGB fundus/SLO images, 2D)",
         license=site.license,
         converted_by="fednnunet.data.retina",
-        fednnunet_source={"site": site.name, "collection": site.folder, "downsample": downsample},
+        fednnunet_source={"site": site.name, "collection": site.folder, "downsample": downsample,
+                          **({"crop": crop} if crop > 1 else {})},
     )
     logger.info("%s: %d cases, shapes %s, vessel fraction %.3f", site.name, len(cases), sorted(shapes),
                 vessel_px / max(total_px, 1))
+
+
+def _check_factor(value: object, name: str) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_first_id(first_id: int, count: int) -> None:
+    if not 1 <= first_id <= 999 - (count - 1):
+        raise ValueError(f"first_id must be in 1..{999 - count + 1} (nnU-Net dataset ids), got {first_id}")
+
+
+def convert_retina_crop_pair(src: Path, out_dir: Path, first_id: int, downsample: int = 8, crop: int = 2
+                             ) -> list[Path]:
+    """Write ``Dataset{first_id}_DRIVEWhole`` (DRIVE's test images, whole, downsampled ``downsample`` times) and
+    ``Dataset{first_id + 1}_DRIVECrop`` (its training images cropped around their vessels to ``1/crop`` of each
+    side, downsampled ``downsample / crop`` times): two sites whose images differ only in field of view (module
+    docstring). ``downsample`` must be a multiple of ``crop``. Raises as :func:`convert_retina_vessels`."""
+    src, out_dir = Path(src), Path(out_dir)
+    downsample, crop = _check_factor(downsample, "downsample"), _check_factor(crop, "crop")
+    if crop < 2 or downsample % crop:
+        raise ValueError(f"crop must be >= 2 and divide downsample ({downsample}), got {crop}")
+    _check_first_id(first_id, 2)
+    if not src.is_dir():
+        raise ValueError(f"{src}: retina-vessels source folder does not exist")
+    drive = SITES[0]
+    cases = _find_cases(src, drive)
+    train_dir = src / drive.folder / drive.parts[0].image_dir
+    whole = [c for c in cases if c[1].parent != train_dir]
+    cropped = [c for c in cases if c[1].parent == train_dir]
+    sites = [_Site("DRIVEWhole", drive.folder, drive.parts[1:], drive.citation, drive.license),
+             _Site("DRIVECrop", drive.folder, drive.parts[:1], drive.citation, drive.license)]
+
+    def write(i: int, folder: Path) -> None:
+        if i == 0:
+            _write_site(folder, sites[0], whole, downsample)
+        else:
+            _write_site(folder, sites[1], cropped, downsample // crop, crop)
+
+    targets = write_raw_datasets(out_dir, first_id, [site.name for site in sites], write)
+    logger.info("wrote %s (downsample %d, crop %d)", ", ".join(t.name for t in targets), downsample, crop)
+    return targets
 
 
 def convert_retina_vessels(src: Path, out_dir: Path, first_id: int, downsample: int = 1) -> list[Path]:
@@ -219,11 +292,8 @@ def convert_retina_vessels(src: Path, out_dir: Path, first_id: int, downsample: 
         FileExistsError: ``out_dir`` already holds a ``DatasetNNN_*`` folder with one of the four ids.
     """
     src, out_dir = Path(src), Path(out_dir)
-    if not isinstance(downsample, (int, np.integer)) or isinstance(downsample, bool) or downsample < 1:
-        raise ValueError(f"downsample must be an integer >= 1, got {downsample!r}")
-    downsample = int(downsample)
-    if not 1 <= first_id <= 999 - (len(SITES) - 1):
-        raise ValueError(f"first_id must be in 1..{999 - len(SITES) + 1} (nnU-Net dataset ids), got {first_id}")
+    downsample = _check_factor(downsample, "downsample")
+    _check_first_id(first_id, len(SITES))
     if not src.is_dir():
         raise ValueError(f"{src}: retina-vessels source folder does not exist")
     all_cases = [_find_cases(src, site) for site in SITES]  # validate the whole layout before writing
