@@ -203,8 +203,8 @@ def add_commands(sub) -> None:
                    help="the bound of the ffe-clip method (its --clip-update-norm; see update_norms in a FFE run's "
                         "metrics.jsonl for the scale of honest updates)")
     p.add_argument("--finetune-epochs", type=int, default=None, metavar="E",
-                   help="the fine-tuning epochs of the ffe-ft and ffe-bn-ft methods (their --finetune-epochs; default: a tenth of "
-                        "--rounds, at least 1)")
+                   help="the fine-tuning epochs of the ffe-ft and ffe-bn-ft methods (their --finetune-epochs; "
+                        "default: a tenth of --rounds, at least 1)")
     p.add_argument("--raw", help="nnU-Net raw folder of the sites (default: $nnUNet_raw); never written")
     p.add_argument("--out", required=True, help="output folder (each method gets its own nnU-Net roots inside)")
     p.set_defaults(func=cmd_benchmark)

@@ -26,8 +26,8 @@ Per case, ``dsc`` and ``hd95`` are the means over the foreground classes (``metr
 With several training repeats, ``methods`` holds per case the mean over the repeats (the Wilcoxon tests use
 those), ``dsc_sd`` the standard deviation (ddof 1) of the site's mean DSC over the repeats, and ``repeats``
 every repeat as it was scored. ``intervals``: FFE vs centralized and FFE vs local, every FFE variant vs FFE and the
-personalized ``ffe-ft``, ``ffe-bn`` and ``ffe-bn-ft`` vs local too, the paired DSC difference with a 95 % two-stage bootstrap interval over cases
-and repeats and its reading at the 0.01 margin (``intervals.py``).
+personalized ``ffe-ft``, ``ffe-bn`` and ``ffe-bn-ft`` vs local too, the paired DSC difference with a 95 % two-stage
+bootstrap interval over cases and repeats and its reading at the 0.01 margin (``intervals.py``).
 
 Statistics: two-tailed Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, default ``zero_method='wilcox'``,
 ``method='auto'``: exact distribution for small samples without ties) on per-case DSC paired by case id, as in the
