@@ -326,10 +326,10 @@ def run_benchmark(raw: Path, sites: Sequence[str], configuration: str, out: Path
         repeats: every method is trained (and evaluated) this many times, with seeds ``seed .. seed + repeats - 1``,
             on the same splits and plans (planned once per method).
         clip_update_norm: the bound C of the ``ffe-clip`` method (required with it).
-        finetune_epochs: the fine-tuning epochs E of the ``ffe-ft`` method (default: a tenth of ``rounds``, at
-            least 1: the personal model then trains 10 % beyond the budget of every other method, so the comparison
-            with local stays close to equal budget, and E follows the budget's scale instead of being a fixed
-            number that is negligible at 100 rounds and dominant at 3).
+        finetune_epochs: the fine-tuning epochs E of the ``ffe-ft`` and ``ffe-bn-ft`` methods (default: a tenth of
+            ``rounds``, at least 1: the personal model then trains 10 % beyond the budget of every other method, so
+            the comparison with local stays close to equal budget, and E follows the budget's scale instead of
+            being a fixed number that is negligible at 100 rounds and dominant at 3).
     """
     from fednnunet.evaluation.predict import normalize_folds
 
@@ -603,7 +603,7 @@ class _Context:
         env = self._env(method, self.raw)
         curves = self._train_federated(method, env, asym, train_args, every)
         models = {d.key: self._model_folder(method, d.name) for d in self.internal}
-        ext_models = models if asym else {"global": self._global_model(method)}
+        ext_models = models if asym or not self.ext else {"global": self._global_model(method)}
         own = {d.key: self._model_folder(method, d.name, site_plans) for d in self.internal}
         return self._finish_per_site(method, env, lambda d: own[d.key], ext_models), curves
 
